@@ -238,7 +238,10 @@ class _ClientBase:
                 models=specs,
                 owner_token=secrets.token_hex(16),
                 env={**base_env, **{str(k): str(v) for k, v in extra_env.items()}},
-                extra_args=("--max-message-bytes", str(self.config.max_message_bytes)),
+                extra_args=(
+                    "--max-message-bytes", str(self.config.max_message_bytes),
+                    "--max-item-chars", str(self.config.max_item_chars),
+                ),
             )
             targets.append(WorkerTarget(endpoint=endpoint, launch=launch))
         return targets
@@ -277,6 +280,11 @@ class _ClientBase:
         import msgspec
 
         return [msgspec.structs.asdict(m) for m in self._models]
+
+    @property
+    def items_in_flight(self) -> int:
+        """Items (sentences, docs, images...) submitted and not yet resolved."""
+        return self._require_core().gate.used
 
     def status(self, timeout: float = 5.0) -> list[dict[str, Any]]:
         """Per worker: pid, state, restarts, in-flight counts, memory, queue depth."""

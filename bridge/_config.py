@@ -13,7 +13,7 @@ BRIDGE_STARTUP_TIMEOUT         seconds a worker may take to get ready   600
 BRIDGE_REQUEST_TIMEOUT         default per-call deadline in seconds     600
                                ("none" disables it)
 BRIDGE_HEARTBEAT_INTERVAL      seconds between PINGs                    0.5
-BRIDGE_HEARTBEAT_TIMEOUT       silence after which a worker is hung     3.0
+BRIDGE_HEARTBEAT_TIMEOUT       silence after which a worker is hung     2.5
 BRIDGE_MAX_INFLIGHT_ITEMS      items (sentences, images...) in flight   16384
 BRIDGE_OVERLOAD                "block" or "raise" beyond that bound     block
 BRIDGE_MAX_RETRIES             retries of a request hit by a crash      1
@@ -85,7 +85,8 @@ class ClientConfig:
     startup_timeout: float = 600.0
     request_timeout: float | None = 600.0
     heartbeat_interval: float = 0.5
-    heartbeat_timeout: float = 3.0
+    # Detection takes this plus at most one poll tick (<= 0.25 s): under 3 s.
+    heartbeat_timeout: float = 2.5
     max_inflight_items: int = 16384
     overload: Literal["block", "raise"] = "block"
     max_retries: int = 1

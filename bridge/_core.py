@@ -260,6 +260,7 @@ class _Slot:
         self.ready_at = 0.0
         self.next_ping = 0.0
         self.unanswered_ping_since: float | None = None
+        self.last_received = 0.0
         self.restart_at: float | None = None
         self.restart_failures = 0
         self.restarts = 0
@@ -478,6 +479,7 @@ class BridgeCore:
         now = time.monotonic()
         slot.next_ping = now + self.config.heartbeat_interval
         slot.unanswered_ping_since = None
+        slot.last_received = now
         token = slot.target.launch.owner_token if slot.target.launch is not None else ""
         self._send(slot, proto.Hello(role="client", pid=os.getpid(), token=token))
 
@@ -604,6 +606,7 @@ class BridgeCore:
                 log.warning("worker %d: receive failed: %s", slot.index, exc)
                 return
             slot.unanswered_ping_since = None  # any traffic proves liveness
+            slot.last_received = time.monotonic()
             try:
                 self._on_message(slot, frames)
             except ProtocolVersionError as exc:
@@ -808,12 +811,8 @@ class BridgeCore:
                     slot, f"worker did not get ready within {self.config.startup_timeout:.0f} s"
                 )
                 continue
-            if (
-                slot.state == "ready"
-                and slot.unanswered_ping_since is not None
-                and now - slot.unanswered_ping_since > self.config.heartbeat_timeout
-            ):
-                silence = now - slot.unanswered_ping_since
+            if slot.state == "ready" and self._is_hung(slot, now):
+                silence = now - slot.last_received
                 if slot.process is not None:
                     # SIGKILL; the pidfd then reports the exit and the crash path runs.
                     slot.process.kill()
@@ -837,6 +836,22 @@ class BridgeCore:
                 ):
                     slot.unanswered_ping_since = now
                 slot.next_ping = now + self.config.heartbeat_interval
+
+    def _is_hung(self, slot: _Slot, now: float) -> bool:
+        """Silent for heartbeat_timeout *and* sitting on a PING for a while.
+
+        The second condition keeps a starved client (its own I/O thread not
+        scheduled for seconds, so no PINGs went out) from blaming the worker:
+        after such a stall the last PING's answer is read first, and the
+        worker gets a fresh PING before it can be called hung.
+        """
+        if slot.unanswered_ping_since is None:
+            return False
+        grace = min(2 * self.config.heartbeat_interval, self.config.heartbeat_timeout)
+        return (
+            now - slot.last_received > self.config.heartbeat_timeout
+            and now - slot.unanswered_ping_since > grace
+        )
 
     def _expire_deadlines(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:

@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import zmq
+import zmq.auth
 
 from bridge._errors import ConfigurationError
 

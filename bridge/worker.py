@@ -308,9 +308,25 @@ class Worker:
                 ),
             )
             return
+        problem = self.oversized(request)
+        if problem:
+            self.send_soon(peer, proto.Error(id=request.id, error=proto.ErrorInfo(
+                category="too_large", type="InputTooLarge", message=problem)))
+            return
         task = asyncio.get_running_loop().create_task(self.serve(peer, request, data))
         self.tasks[key] = task
         task.add_done_callback(lambda _t, key=key: self.tasks.pop(key, None))  # type: ignore[misc]
+
+    def oversized(self, request: proto.Request) -> str:
+        """The worker's own limits: clients are checked, but not trusted."""
+        count = len(request.texts) + len(request.media)
+        if count > self.options.max_items:
+            return f"{count} items in one request, over the worker's limit of {self.options.max_items}"
+        limit = self.options.max_item_chars
+        for text in (*request.texts, request.query or ""):
+            if len(text) > limit:
+                return f"a text of {len(text)} characters, over the worker's limit of {limit}"
+        return ""
 
     async def serve(self, peer: bytes, request: proto.Request, data: list[zmq.Frame]) -> None:
         count = max(len(request.texts), len(request.media))
@@ -413,6 +429,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[Mod
         default=256 * 1024 * 1024,
         help="larger incoming messages are dropped by ZeroMQ",
     )
+    parser.add_argument("--max-items", type=int, default=1 << 20, help="items per request")
+    parser.add_argument(
+        "--max-item-chars", type=int, default=1_000_000, help="characters per text"
+    )
     parser.add_argument(
         "--curve-secret-file", help="CurveZMQ certificate with this worker's secret key"
     )
@@ -487,6 +507,10 @@ if __name__ == "__main__":
     exit_code = 1
     try:
         exit_code = main()
+    except SystemExit as exc:  # argparse
+        exit_code = exc.code if isinstance(exc.code, int) else 2
+    except BaseException:
+        traceback.print_exc()
     finally:
         # Flushing can fail (a dead parent closed our stdout pipe); nothing
         # may stand between us and the exit below.

@@ -233,7 +233,71 @@ def make_clap(directory: Path) -> dict[str, object]:
     return {"dim": 16, "sampling_rate": 48000}
 
 
+POISON_MODELING = '''"""A BERT whose forward pass misbehaves on trigger words: a real model bug, on demand."""
+
+import os
+import signal
+import time
+
+import torch
+from transformers import BertModel
+
+
+class PoisonBertModel(BertModel):
+    def forward(self, input_ids=None, **kwargs):
+        triggers = self.config.poison_ids
+        if input_ids is not None:
+            if (input_ids == triggers["crashnow"]).any():
+                os.kill(os.getpid(), signal.SIGKILL)  # like a segfault in a CUDA kernel
+            if (input_ids == triggers["failnow"]).any():
+                raise RuntimeError("poison input: this model cannot embed the word failnow")
+            if (input_ids == triggers["oomnow"]).any():
+                raise torch.cuda.OutOfMemoryError(
+                    "CUDA out of memory. Tried to allocate 20.00 GiB (simulated by the test model)")
+            if (input_ids == triggers["slownow"]).any():
+                time.sleep(2.0)
+        return super().forward(input_ids=input_ids, **kwargs)
+'''
+
+TRIGGER_WORDS = ("crashnow", "failnow", "oomnow", "slownow")
+
+
+def make_poison(directory: Path) -> dict[str, object]:
+    """A sentence-transformers BERT with custom code (trust_remote_code, embed's default)."""
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertModel
+
+    torch.manual_seed(666)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = bert_tokenizer(directory, max_length=128)
+    with (directory / "vocab.txt").open("a", encoding="utf-8") as fh:
+        fh.write("\n".join(TRIGGER_WORDS) + "\n")
+    tokenizer = bert_tokenizer_from_vocab(directory, max_length=128)
+    config = bert_config(tokenizer.vocab_size)
+    BertModel(config).save_pretrained(directory)
+    word = models.Transformer(str(directory), max_seq_length=128)
+    pooling = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")
+    SentenceTransformer(modules=[word, pooling], device="cpu").save(str(directory))
+    (directory / "modeling_poison.py").write_text(POISON_MODELING, encoding="utf-8")
+    saved = json.loads((directory / "config.json").read_text())
+    saved["auto_map"] = {"AutoModel": "modeling_poison.PoisonBertModel"}
+    saved["architectures"] = ["PoisonBertModel"]
+    saved["poison_ids"] = {word: tokenizer.convert_tokens_to_ids(word) for word in TRIGGER_WORDS}
+    (directory / "config.json").write_text(json.dumps(saved, indent=2))
+    return {"triggers": list(TRIGGER_WORDS)}
+
+
+def bert_tokenizer_from_vocab(directory: Path, max_length: int):  # type: ignore[no-untyped-def]
+    from transformers import BertTokenizerFast
+
+    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True,
+                                  model_max_length=max_length)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
 BUILDERS = {
+    "poison": make_poison,
     "conan": make_conan,
     "classifier": lambda d: make_classifier(d, ["negative", "neutral", "positive"]),
     "reranker": lambda d: make_classifier(d, ["score"]),
