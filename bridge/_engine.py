@@ -41,19 +41,6 @@ log = logging.getLogger("bridge.worker")
 #: bare path would let a remote client read the worker's files.
 ALLOWED_URL_SCHEMES = ("http://", "https://")
 
-#: Raw-pixel PIL modes accepted over the wire, with bytes per pixel.
-RAW_IMAGE_MODES = {
-    "L": 1,
-    "P": 1,
-    "RGB": 3,
-    "RGBA": 4,
-    "RGBX": 4,
-    "CMYK": 4,
-    "YCbCr": 3,
-    "I": 4,
-    "F": 4,
-    "LA": 2,
-}
 
 
 class RequestFailed(Exception):
@@ -476,11 +463,11 @@ class EngineHost:
                 continue
             data = self._media_frame(ref, frames)
             if ref.mode is not None:
-                if ref.mode not in RAW_IMAGE_MODES or ref.width is None or ref.height is None:
+                if ref.mode not in proto.RAW_IMAGE_MODES or ref.width is None or ref.height is None:
                     raise RequestFailed(
                         "input", f"raw image needs a known mode and a size, got {ref.mode!r}"
                     )
-                expected = ref.width * ref.height * RAW_IMAGE_MODES[ref.mode]
+                expected = ref.width * ref.height * proto.RAW_IMAGE_MODES[ref.mode]
                 if data.nbytes != expected:
                     raise RequestFailed(
                         "protocol",

@@ -18,20 +18,6 @@ from bridge._errors import ConfigurationError, InputTooLargeError, InvalidInputE
 
 __all__ = ["check_query", "check_texts", "media_payload"]
 
-#: PIL modes sent as raw pixels (bytes per pixel); the worker rebuilds the
-#: image with Image.frombytes. Any other mode is sent as a lossless PNG.
-RAW_IMAGE_MODES = {
-    "L": 1,
-    "P": 1,
-    "RGB": 3,
-    "RGBA": 4,
-    "RGBX": 4,
-    "CMYK": 4,
-    "YCbCr": 3,
-    "I": 4,
-    "F": 4,
-    "LA": 2,
-}
 
 _URL_PREFIXES = ("http://", "https://")
 
@@ -127,7 +113,7 @@ def media_payload(name: str, value: Any, *, images: bool) -> tuple[list[proto.Me
             add_frame(item)
         elif images and _is_pil_image(item):
             width, height = item.size
-            if item.mode in RAW_IMAGE_MODES:
+            if item.mode in proto.RAW_IMAGE_MODES:
                 add_frame(item.tobytes(), mode=item.mode, width=width, height=height)
             else:
                 buffer = io.BytesIO()

@@ -35,6 +35,7 @@ from bridge._errors import ProtocolError, ProtocolVersionError
 __all__ = [
     "ALLOWED_DTYPES",
     "OPS",
+    "RAW_IMAGE_MODES",
     "PROTOCOL_VERSION",
     "ArrayRef",
     "Bye",
@@ -68,6 +69,12 @@ Op: TypeAlias = Literal["embed", "rerank", "classify", "image_embed", "audio_emb
 #: dtypes allowed in an ArrayRef: what infinity can return (float32
 #: embeddings, int8/uint8 and bit-packed binary/ubinary quantisations).
 ALLOWED_DTYPES: Final = frozenset({"<f4", "|i1", "|u1"})
+
+#: PIL modes sent as raw pixels, with bytes per pixel; the receiver rebuilds
+#: the image with ``Image.frombytes``. Images of any other mode (palette
+#: images, 1-bit, 16-bit...) travel as lossless PNG bytes instead, so nothing
+#: that the raw bytes cannot carry (a palette) is lost.
+RAW_IMAGE_MODES: Final = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4, "RGBX": 4, "CMYK": 4, "YCbCr": 3, "I": 4, "F": 4}
 
 # Hard caps that make absurd headers fail validation early. Real limits
 # (message size, items per call) are configurable and enforced elsewhere.

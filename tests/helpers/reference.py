@@ -115,7 +115,8 @@ def main() -> None:
             answers.append(sentence_transformers_job(job, out, index))
         else:
             answers.append(asyncio.run(infinity_job(job, out, index)))
-    (out / "result.json").write_text(json.dumps(answers))
+    # rerank(raw_scores=True) gives torch scalars in infinity 0.0.58: store them as floats.
+    (out / "result.json").write_text(json.dumps(answers, default=float))
 
 
 if __name__ == "__main__":
