@@ -427,6 +427,10 @@ class EngineHost:
         # Rows may come from different batches; this stack is the one copy
         # the worker makes, into the contiguous buffer that goes on the wire.
         matrix = np.stack([np.asarray(row) for row in rows])
+        if matrix.dtype.kind == "f" and matrix.dtype != np.float32:
+            # float16/float64 outputs (half-precision heads, the debug engine)
+            # are delivered as float32, the one float type on the wire.
+            matrix = matrix.astype(np.float32)
         ref, buffer = proto.encode_array(matrix, frame=0)
         return proto.Result(id=request.id, usage=int(usage), embeddings=ref), [buffer]
 

@@ -31,13 +31,13 @@ def worker_python() -> Path:
 
 
 def run_helper(script: str, *args: str, timeout: float = 600) -> str:
-    """Run tests/helpers/SCRIPT in infinity_env; return its stdout, fail loudly."""
+    """Run tests/helpers/SCRIPT (or scripts/SCRIPT) in infinity_env; return its stdout."""
     env = {
         k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")
     }
     env["HF_HUB_OFFLINE"] = "1"
     proc = subprocess.run(
-        [str(worker_python()), str(HELPERS / script), *args],
+        [str(worker_python()), str(HELPERS / script if (HELPERS / script).exists() else REPO / "scripts" / script), *args],
         capture_output=True,
         text=True,
         timeout=timeout,

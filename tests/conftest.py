@@ -26,9 +26,9 @@ def minilm_path() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    """conan, classifier, reranker, clip, clap: random weights, built once per session."""
+    """conan, poison, classifier, reranker, clip, clap: random weights, built once per session."""
     out = tmp_path_factory.mktemp("models")
-    lines = _support.run_helper("make_models.py", str(out)).strip().splitlines()
+    lines = _support.run_helper("tiny_models.py", str(out)).strip().splitlines()
     return {info["name"]: info for info in map(json.loads, lines)}
 
 

@@ -115,7 +115,7 @@ def test_lying_requests(minilm: BatchedInference, attacker: zmq.Socket[bytes], b
     for reply in drain(attacker):
         message = proto.decode_header(reply[0])
         if isinstance(message, proto.Error):
-            assert message.error.category in ("protocol", "input", "unsupported", "unknown_model", "too_large")
+            assert message.error.category in ("protocol", "input", "unsupported", "unknown_model", "too_large", "deadline")
 
 
 def test_worker_survived_the_fuzzing(minilm: BatchedInference, baseline: dict[str, Any]) -> None:

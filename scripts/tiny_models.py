@@ -1,9 +1,11 @@
-"""Build tiny random-weight models for the tests. Runs in infinity_env.
+"""Build random-weight models for the tests and the benchmark. Runs in infinity_env.
 
-    python make_models.py OUT_DIR [NAME ...]
+    infinity_env/.venv/bin/python scripts/tiny_models.py OUT_DIR [NAME ...]
 
-Names: conan (BERT + mean pooling + Dense to 1792, the shape of
-TencentBAC/Conan-embedding-v1), classifier (BERT sequence classifier, 3
+Names: conan (a tiny BERT + mean pooling + Dense to 1792, the shape of
+TencentBAC/Conan-embedding-v1), conan-large (the real shape: BERT-large, 24
+layers x 1024, + Dense 1024 -> 1792; for GPU benchmarks), poison (a BERT
+whose custom code crashes, raises or stalls on trigger words), classifier (BERT sequence classifier, 3
 labels), reranker (BERT cross-encoder, 1 label), clip (tiny CLIP), clap
 (tiny CLAP). Everything is seeded, so a model is the same on every run.
 Writes OUT_DIR/NAME/ and prints one JSON line per model.
@@ -80,16 +82,22 @@ def bert_config(vocab_size: int, **extra: object):  # type: ignore[no-untyped-de
     )
 
 
-def make_conan(directory: Path) -> dict[str, object]:
-    """BERT encoder + mean pooling + Dense(64 -> 1792), as sentence-transformers modules."""
+def make_conan(directory: Path, large: bool = False) -> dict[str, object]:
+    """BERT encoder + mean pooling + Dense(hidden -> 1792), as sentence-transformers modules."""
     from sentence_transformers import SentenceTransformer, models
-    from transformers import BertModel
+    from transformers import BertConfig, BertModel
 
     torch.manual_seed(1792)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = bert_tokenizer(directory, max_length=128)
-    BertModel(bert_config(tokenizer.vocab_size)).save_pretrained(directory)
-    word = models.Transformer(str(directory), max_seq_length=128)
+    max_length = 512 if large else 128
+    tokenizer = bert_tokenizer(directory, max_length=max_length)
+    if large:
+        config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=1024, num_hidden_layers=24,
+                            num_attention_heads=16, intermediate_size=4096, max_position_embeddings=512)
+    else:
+        config = bert_config(tokenizer.vocab_size)
+    BertModel(config).save_pretrained(directory)
+    word = models.Transformer(str(directory), max_seq_length=max_length)
     pooling = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")
     dense = models.Dense(
         word.get_word_embedding_dimension(), 1792, activation_function=torch.nn.Identity()
@@ -297,6 +305,7 @@ def bert_tokenizer_from_vocab(directory: Path, max_length: int):  # type: ignore
 
 
 BUILDERS = {
+    "conan-large": lambda d: make_conan(d, large=True),
     "poison": make_poison,
     "conan": make_conan,
     "classifier": lambda d: make_classifier(d, ["negative", "neutral", "positive"]),
@@ -308,7 +317,7 @@ BUILDERS = {
 
 def main() -> None:
     out = Path(sys.argv[1])
-    names = sys.argv[2:] or list(BUILDERS)
+    names = sys.argv[2:] or [name for name in BUILDERS if name != "conan-large"]
     for name in names:
         directory = out / name
         info = BUILDERS[name](directory)
