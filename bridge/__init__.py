@@ -31,6 +31,7 @@ from bridge._errors import (
     WorkerStartupError,
     WorkerUnavailableError,
 )
+from bridge._gpu import suggest_gpu_memory_utilization
 from bridge._protocol import PROTOCOL_VERSION
 
 __version__ = "0.1.0"
@@ -59,4 +60,5 @@ __all__ = [
     "WorkerUnavailableError",
     "__version__",
     "bundled_model_path",
+    "suggest_gpu_memory_utilization",
 ]

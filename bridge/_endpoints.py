@@ -21,6 +21,7 @@ import secrets
 import stat
 import tempfile
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import zmq
@@ -186,13 +187,13 @@ class CurveClientKeys:
         return cls(server_public=server_public, public=public, secret=secret)
 
 
-def apply_curve_server(sock: zmq.Socket[bytes], keys: CurveServerKeys) -> None:
+def apply_curve_server(sock: zmq.Socket[Any], keys: CurveServerKeys) -> None:
     sock.curve_secretkey = keys.secret
     sock.curve_publickey = keys.public
     sock.curve_server = True
 
 
-def apply_curve_client(sock: zmq.Socket[bytes], keys: CurveClientKeys) -> None:
+def apply_curve_client(sock: zmq.Socket[Any], keys: CurveClientKeys) -> None:
     sock.curve_serverkey = keys.server_public
     sock.curve_publickey = keys.public
     sock.curve_secretkey = keys.secret

@@ -23,13 +23,12 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import math
 import time
 import traceback
 import wave
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -40,7 +39,6 @@ log = logging.getLogger("bridge.worker")
 #: Only these schemes may be fetched by the worker on a client's behalf; a
 #: bare path would let a remote client read the worker's files.
 ALLOWED_URL_SCHEMES = ("http://", "https://")
-
 
 
 class RequestFailed(Exception):
@@ -136,6 +134,58 @@ def _release_accelerator_memory() -> None:
         pass
 
 
+def batch_size_of(engine: Any) -> int:
+    try:
+        return int(engine._batch_handler.model_worker._max_batch_size)
+    except AttributeError:
+        return int(engine.engine_args.batch_size)
+
+
+def calibrate_batch_size(engine: Any, configured: int) -> int:
+    """Halve infinity's batch size until a full batch of maximum-length inputs fits the budget.
+
+    Runs the model's own (unguarded) stages on synthetic inputs, before the
+    engine serves anyone. A batch that still would not fit later (longer
+    inputs than assumed) is caught by the guard and re-run item by item.
+    """
+    import torch
+
+    model = engine._model
+    stages = getattr(model, "_bridge_unguarded", None)
+    if stages is None or not torch.cuda.is_available():
+        return configured
+    pre, core, post = cast(
+        tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]], stages
+    )
+    capabilities = engine.capabilities
+    tokens = int(getattr(model, "max_seq_length", 0) or 512)
+    text = "hello " * tokens
+    from infinity_emb.primitives import EmbeddingSingle, PredictSingle, ReRankSingle
+
+    sample: Any
+    if "embed" in capabilities:
+        sample = EmbeddingSingle(sentence=text).to_input()
+    elif "rerank" in capabilities:
+        sample = ReRankSingle(query=text, document=text).to_input()
+    elif "classify" in capabilities:
+        sample = PredictSingle(sentence=text).to_input()
+    else:
+        return configured
+    size = configured
+    while size >= 1:
+        try:
+            torch.cuda.empty_cache()
+            post(core(pre([sample] * size)))
+            break
+        except torch.OutOfMemoryError:
+            log.warning("batch size %d does not fit the GPU budget; trying %d", size, size // 2)
+            size //= 2
+    torch.cuda.empty_cache()
+    size = max(size, 1)
+    engine._batch_handler.model_worker._max_batch_size = size
+    return size
+
+
 def guard_model(model: Any) -> None:
     """Make ``model``'s stages fail per item instead of killing infinity's threads."""
     pre: Callable[..., Any] = model.encode_pre
@@ -180,6 +230,7 @@ def guard_model(model: Any) -> None:
         except Exception:
             return one_by_one(staged.items)
 
+    model._bridge_unguarded = (pre, core, post)
     model.encode_pre = encode_pre
     model.encode_core = encode_core
     model.encode_post = encode_post
@@ -243,11 +294,82 @@ def silent_wav(sampling_rate: int, seconds: float = 1.0) -> bytes:
     return buffer.getvalue()
 
 
+# ----------------------------------------------------------------------- the GPU
+
+
+def apply_memory_budget(budget: float | None) -> int | None:
+    """Cap this process's CUDA memory; returns the budget in bytes (None: no cap, or no GPU)."""
+    if budget is None:
+        return None
+    import torch
+
+    from bridge._gpu import budget_fraction
+
+    if not torch.cuda.is_available():
+        log.warning("gpu memory budget %s ignored: no CUDA device is visible", budget)
+        return None
+    total = int(torch.cuda.get_device_properties(0).total_memory)
+    fraction = budget_fraction(budget, total)
+    assert fraction is not None
+    # Allocations past the fraction raise torch.OutOfMemoryError in the
+    # allocating thread: the guarded model turns that into the request's error.
+    torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    log.info(
+        "GPU memory budget: %.0f MiB (%.3f of %.0f MiB)",
+        fraction * total / 2**20,
+        fraction,
+        total / 2**20,
+    )
+    return int(fraction * total)
+
+
+def gpu_memory_report(budget_bytes: int | None) -> dict[str, int] | None:
+    """This process's CUDA memory (bytes), or None without a GPU."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        free, total = torch.cuda.mem_get_info()
+        report = {
+            "reserved": int(torch.cuda.memory_reserved()),
+            "allocated": int(torch.cuda.memory_allocated()),
+            "max_allocated": int(torch.cuda.max_memory_allocated()),
+            "free": int(free),
+            "total": int(total),
+        }
+        if budget_bytes is not None:
+            report["budget"] = int(budget_bytes)
+        return report
+    except Exception:  # a report must never take the worker down
+        return None
+
+
+def to_bfloat16(engine: Any) -> None:
+    """infinity 0.0.58 has no bfloat16 dtype: load in float32, then convert here."""
+    import torch
+
+    model = engine._model
+    if (
+        isinstance(model, torch.nn.Module)
+        and "embed" in engine.capabilities
+        and "image_embed" not in engine.capabilities
+    ):
+        model.to(torch.bfloat16)
+        return
+    raise RuntimeError(
+        f"dtype='bfloat16' is supported for sentence-transformers embedding models only; "
+        f"{type(model).__name__} is not one (use float16 or float32)"
+    )
+
+
 class EngineHost:
     """Holds infinity's AsyncEngineArray and runs requests against it."""
 
-    def __init__(self, specs: list[ModelSpec]) -> None:
+    def __init__(self, specs: list[ModelSpec], gpu_budget: float | None = None) -> None:
         self.specs = specs
+        self.gpu_budget = gpu_budget
+        self.budget_bytes: int | None = None
         self.array: Any = None
         self.models: list[proto.ModelInfo] = []
         self._by_name: dict[str, Any] = {}
@@ -260,12 +382,13 @@ class EngineHost:
         start = time.monotonic()
         from infinity_emb import AsyncEngineArray, EngineArgs
 
+        self.budget_bytes = await asyncio.to_thread(apply_memory_budget, self.gpu_budget)
         args = [
             EngineArgs(
                 model_name_or_path=spec.model_id,
                 engine=spec.engine,
                 device=spec.device,
-                dtype=spec.dtype,
+                dtype="float32" if spec.dtype == "bfloat16" else spec.dtype,
                 embedding_dtype=spec.embedding_dtype,
                 batch_size=spec.batch_size,
                 bettertransformer=False,
@@ -282,9 +405,13 @@ class EngineHost:
         await self.array.astart()
         engines = list(self.array)
         for index, (spec, engine) in enumerate(zip(self.specs, engines, strict=True)):
+            if spec.dtype == "bfloat16":
+                await asyncio.to_thread(to_bfloat16, engine)
             guard_model(engine._model)
             name = engine.engine_args.served_model_name
             self._by_name[name] = engine
+            if self.budget_bytes is not None:
+                await asyncio.to_thread(calibrate_batch_size, engine, spec.batch_size)
             info = await self._warm_up(index, spec, name, engine)
             self._info_by_name[name] = info
             self.models.append(info)
@@ -329,8 +456,9 @@ class EngineHost:
             embedding_dtype=args.embedding_dtype.value,
             engine=args.engine.value,
             device=str(getattr(engine._model, "device", args.device.value)),
-            dtype=args.dtype.value,
+            dtype=spec.dtype if spec.dtype == "bfloat16" else args.dtype.value,
             labels=labels,
+            batch_size=batch_size_of(engine),
         )
 
     @staticmethod
@@ -508,7 +636,3 @@ def describe_device() -> str:
     except Exception:
         pass
     return "cpu"
-
-
-def finite_or_none(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Annotated, Any, Final, Literal, TypeAlias, Union
+from typing import Annotated, Any, Final, Literal, TypeAlias
 
 import msgspec
 import numpy as np
@@ -35,8 +35,8 @@ from bridge._errors import ProtocolError, ProtocolVersionError
 __all__ = [
     "ALLOWED_DTYPES",
     "OPS",
-    "RAW_IMAGE_MODES",
     "PROTOCOL_VERSION",
+    "RAW_IMAGE_MODES",
     "ArrayRef",
     "Bye",
     "Cancel",
@@ -74,7 +74,17 @@ ALLOWED_DTYPES: Final = frozenset({"<f4", "|i1", "|u1"})
 #: the image with ``Image.frombytes``. Images of any other mode (palette
 #: images, 1-bit, 16-bit...) travel as lossless PNG bytes instead, so nothing
 #: that the raw bytes cannot carry (a palette) is lost.
-RAW_IMAGE_MODES: Final = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4, "RGBX": 4, "CMYK": 4, "YCbCr": 3, "I": 4, "F": 4}
+RAW_IMAGE_MODES: Final = {
+    "L": 1,
+    "LA": 2,
+    "RGB": 3,
+    "RGBA": 4,
+    "RGBX": 4,
+    "CMYK": 4,
+    "YCbCr": 3,
+    "I": 4,
+    "F": 4,
+}
 
 # Hard caps that make absurd headers fail validation early. Real limits
 # (message size, items per call) are configurable and enforced elsewhere.
@@ -141,6 +151,7 @@ class ModelInfo(msgspec.Struct, frozen=True):
     device: str
     dtype: str
     labels: list[str] | None = None  # classifiers: id2label in order
+    batch_size: int = 0  # infinity's max batch size (after GPU budget calibration)
 
 
 class LabelScore(msgspec.Struct, frozen=True, array_like=True):
@@ -157,6 +168,7 @@ class StatusReport(msgspec.Struct, frozen=True):
     queue_depth: dict[str, int]
     rss_bytes: int
     gpu: dict[str, int] | None = None  # reserved/allocated/free/total/budget bytes
+    cuda_visible_devices: str = ""
 
 
 # --------------------------------------------------------------------- messages
@@ -247,7 +259,7 @@ class Bye(Message, tag="BYE"):
     shutdown: bool = False
 
 
-AnyMessage = Union[Hello, Ready, Failed, Request, Result, Error, Cancel, Ping, Pong, Status, Bye]
+AnyMessage = Hello | Ready | Failed | Request | Result | Error | Cancel | Ping | Pong | Status | Bye
 
 
 class _Envelope(msgspec.Struct):
@@ -266,7 +278,7 @@ def encode_header(message: Message) -> bytes:
     return _encoder.encode(message)
 
 
-def decode_header(buffer: bytes | memoryview) -> AnyMessage:
+def decode_header(buffer: bytes | memoryview) -> Message:
     """Decode and validate a header, or raise ProtocolError saying why.
 
     A wrong protocol version raises ProtocolVersionError, also when the
@@ -284,6 +296,8 @@ def decode_header(buffer: bytes | memoryview) -> AnyMessage:
                 f"peer speaks protocol version {envelope.v}, this side speaks {PROTOCOL_VERSION}"
             ) from None
         raise ProtocolError(f"malformed header: {exc}") from None
+    if not isinstance(message, Message):  # pragma: no cover - the decoder only makes these
+        raise ProtocolError(f"unexpected header type {type(message).__name__}")
     if message.v != PROTOCOL_VERSION:
         raise ProtocolVersionError(
             f"peer speaks protocol version {message.v}, this side speaks {PROTOCOL_VERSION}"
@@ -307,7 +321,8 @@ def encode_array(array: np.ndarray[Any, Any], frame: int) -> tuple[ArrayRef, mem
     ref = ArrayRef(dtype=array.dtype.str, shape=list(array.shape), frame=frame)
     if ref.dtype not in ALLOWED_DTYPES:
         raise ProtocolError(f"dtype {ref.dtype} may not cross the wire")
-    return ref, memoryview(array).cast("B") if array.size else memoryview(b"")
+    buffer: memoryview = memoryview(array.data).cast("B") if array.size else memoryview(b"")
+    return ref, buffer
 
 
 def decode_array(ref: ArrayRef, frames: Sequence[Any]) -> np.ndarray[Any, Any]:

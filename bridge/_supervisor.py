@@ -18,6 +18,7 @@ and exits by itself if the parent disappears (see ``bridge.worker``).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -172,10 +173,8 @@ class WorkerProcess:
     def kill(self) -> None:
         """SIGKILL, for a hung worker; the sentinel then reports the exit."""
         if self._proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def stop(self, grace: float) -> None:
         """Wait up to ``grace`` s for a clean exit (after BYE), then SIGTERM, then SIGKILL."""
@@ -183,10 +182,8 @@ class WorkerProcess:
         if self._wait_until(deadline):
             return
         if self._proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         if self._wait_until(time.monotonic() + 2.0):
             return
         self.kill()
@@ -202,10 +199,8 @@ class WorkerProcess:
     def close(self) -> None:
         """Release the sentinel (after the process has been reaped)."""
         if self.sentinel is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self.sentinel)
-            except OSError:
-                pass
             self.sentinel = None
         self._reader.join(timeout=1.0)
 

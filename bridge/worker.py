@@ -57,6 +57,7 @@ from bridge._engine import (
     ModelSpec,
     describe_device,
     error_info,
+    gpu_memory_report,
     infinity_versions,
 )
 from bridge._errors import ConfigurationError, ProtocolError
@@ -70,7 +71,7 @@ PARENT_CHECK_INTERVAL = 0.25
 class Worker:
     def __init__(self, options: argparse.Namespace, specs: list[ModelSpec]) -> None:
         self.options = options
-        self.host = EngineHost(specs)
+        self.host = EngineHost(specs, gpu_budget=options.gpu_memory)
         self.state = "loading"
         self.failure: proto.ErrorInfo | None = None
         self.started = time.monotonic()
@@ -182,7 +183,10 @@ class Worker:
 
     def ready_message(self) -> proto.Ready:
         return proto.Ready(
-            models=self.host.models, load_seconds=self.host.load_seconds, device=describe_device()
+            models=self.host.models,
+            load_seconds=self.host.load_seconds,
+            device=describe_device(),
+            gpu=gpu_memory_report(self.host.budget_bytes),
         )
 
     async def watch_parent(self, parent_pid: int) -> None:
@@ -310,8 +314,15 @@ class Worker:
             return
         problem = self.oversized(request)
         if problem:
-            self.send_soon(peer, proto.Error(id=request.id, error=proto.ErrorInfo(
-                category="too_large", type="InputTooLarge", message=problem)))
+            self.send_soon(
+                peer,
+                proto.Error(
+                    id=request.id,
+                    error=proto.ErrorInfo(
+                        category="too_large", type="InputTooLarge", message=problem
+                    ),
+                ),
+            )
             return
         task = asyncio.get_running_loop().create_task(self.serve(peer, request, data))
         self.tasks[key] = task
@@ -321,7 +332,9 @@ class Worker:
         """The worker's own limits: clients are checked, but not trusted."""
         count = len(request.texts) + len(request.media)
         if count > self.options.max_items:
-            return f"{count} items in one request, over the worker's limit of {self.options.max_items}"
+            return (
+                f"{count} items in one request, over the worker's limit of {self.options.max_items}"
+            )
         limit = self.options.max_item_chars
         for text in (*request.texts, request.query or ""):
             if len(text) > limit:
@@ -356,9 +369,8 @@ class Worker:
 
     def status_report(self) -> proto.StatusReport:
         rss_pages = 0
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            with open("/proc/self/statm") as fh:
-                rss_pages = int(fh.read().split()[1])
+        with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/statm") as fh:
+            rss_pages = int(fh.read().split()[1])
         rss = (
             rss_pages * resource.getpagesize()
             if rss_pages
@@ -372,7 +384,8 @@ class Worker:
             requests_served=self.served,
             queue_depth=self.host.queue_depth() if self.state == "ready" else {},
             rss_bytes=rss,
-            gpu=None,
+            gpu=gpu_memory_report(self.host.budget_bytes),
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
         )
 
     def close(self) -> None:
@@ -429,10 +442,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[Mod
         default=256 * 1024 * 1024,
         help="larger incoming messages are dropped by ZeroMQ",
     )
-    parser.add_argument("--max-items", type=int, default=1 << 20, help="items per request")
     parser.add_argument(
-        "--max-item-chars", type=int, default=1_000_000, help="characters per text"
+        "--gpu-memory",
+        type=float,
+        default=None,
+        help="CUDA memory budget: a fraction of the card (<= 1) or bytes (> 1)",
     )
+    parser.add_argument("--max-items", type=int, default=1 << 20, help="items per request")
+    parser.add_argument("--max-item-chars", type=int, default=1_000_000, help="characters per text")
     parser.add_argument(
         "--curve-secret-file", help="CurveZMQ certificate with this worker's secret key"
     )

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime
 import http.client
 import json
 import os
 import platform
-import shutil
 import socket
 import statistics
 import subprocess
@@ -57,8 +57,36 @@ SIDE_NAMES = {
 
 def texts_for(count: int, seed: int, words: tuple[int, int] = (8, 40)) -> list[str]:
     rng = np.random.default_rng(seed)
-    vocab = ("the quick brown fox jumps over lazy dog market rises engineers ship vectors through "
-             "sockets while models embed sentences about cats weather python 向量 检索 模型 今天 天气").split()
+    vocab = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "lazy",
+        "dog",
+        "market",
+        "rises",
+        "engineers",
+        "ship",
+        "vectors",
+        "through",
+        "sockets",
+        "while",
+        "models",
+        "embed",
+        "sentences",
+        "about",
+        "cats",
+        "weather",
+        "python",
+        "向量",
+        "检索",
+        "模型",
+        "今天",
+        "天气",
+    ]
     return [" ".join(rng.choice(vocab, size=int(rng.integers(*words)))) for _ in range(count)]
 
 
@@ -84,7 +112,11 @@ class InProcess:
     def __init__(self, models: list[dict[str, str]], batch_size: int) -> None:
         self.proc = subprocess.Popen(
             [str(find_worker_python()), str(REPO / "scripts" / "bench_inprocess.py")],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=worker_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=worker_env(),
         )
         self.ask({"cmd": "load", "models": models, "batch_size": batch_size})
 
@@ -99,7 +131,9 @@ class InProcess:
         return answer
 
     def latency(self, model: int, texts: list[str]) -> list[float]:
-        seconds: list[float] = self.ask({"cmd": "latency", "model": model, "texts": texts})["seconds"]
+        seconds: list[float] = self.ask({"cmd": "latency", "model": model, "texts": texts})[
+            "seconds"
+        ]
         return seconds
 
     def throughput(self, model: int, requests: list[list[str]]) -> tuple[float, int]:
@@ -107,10 +141,8 @@ class InProcess:
         return float(answer["seconds"]), int(answer["dim"])
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.ask({"cmd": "quit"})
-        except Exception:
-            pass
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -120,9 +152,17 @@ class InProcess:
 class Bridge:
     """Side B: this process, through bridge.BatchedInference."""
 
-    def __init__(self, model_ids: list[str], engines: list[str], device: str, dtype: str, batch_size: int) -> None:
-        self.client = BatchedInference(model_id=model_ids, engine=engines, device=device, dtype=dtype,
-                                       batch_size=batch_size, max_inflight_items=1 << 20)
+    def __init__(
+        self, model_ids: list[str], engines: list[str], device: str, dtype: str, batch_size: int
+    ) -> None:
+        self.client = BatchedInference(
+            model_id=model_ids,
+            engine=engines,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            max_inflight_items=1 << 20,
+        )
 
     def latency(self, model: int, texts: list[str]) -> list[float]:
         seconds = []
@@ -145,16 +185,34 @@ class Bridge:
 class Rest:
     """Side C: `infinity_emb v2` in infinity_env, over HTTP/1.1 keep-alive connections."""
 
-    def __init__(self, model_ids: list[str], engines: list[str], device: str, dtype: str, batch_size: int) -> None:
+    def __init__(
+        self, model_ids: list[str], engines: list[str], device: str, dtype: str, batch_size: int
+    ) -> None:
         self.port = free_port()
         command = [str(find_worker_python().parent / "infinity_emb"), "v2"]
         for model_id, engine in zip(model_ids, engines, strict=True):
             command += ["--model-id", model_id, "--engine", engine]
-        command += ["--device", device, "--dtype", dtype, "--no-bettertransformer",
-                    "--no-model-warmup", "--lengths-via-tokenize", "--batch-size", str(batch_size),
-                    "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+        command += [
+            "--device",
+            device,
+            "--dtype",
+            dtype,
+            "--no-bettertransformer",
+            "--no-model-warmup",
+            "--lengths-via-tokenize",
+            "--batch-size",
+            str(batch_size),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+        ]
         self.log = open(REPO / ".bench_models" / "rest-server.log", "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=worker_env())
+        self.proc = subprocess.Popen(
+            command, stdout=self.log, stderr=subprocess.STDOUT, env=worker_env()
+        )
         self.names = ["/".join(m.split("/")[-2:]) for m in model_ids]
         self.local = threading.local()
         deadline = time.monotonic() + 600
@@ -182,7 +240,9 @@ class Rest:
         for attempt in (1, 2):
             connection = self._connection()
             try:
-                connection.request("POST", "/embeddings", body=body, headers={"Content-Type": "application/json"})
+                connection.request(
+                    "POST", "/embeddings", body=body, headers={"Content-Type": "application/json"}
+                )
                 response = connection.getresponse()
                 return response.status, response.read()
             except (http.client.HTTPException, ConnectionError):
@@ -201,7 +261,10 @@ class Rest:
         if status != 200:
             raise RuntimeError(f"REST error {status}: {payload}")
         if encoding == "base64":
-            return [np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4") for item in payload["data"]]
+            return [
+                np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4")
+                for item in payload["data"]
+            ]
         return [np.asarray(item["embedding"], dtype=np.float32) for item in payload["data"]]
 
     def using(self, encoding: str, pool: ThreadPoolExecutor) -> RestSide:
@@ -252,10 +315,17 @@ def spread(values: list[float], fmt: str = "{:.3f}") -> str:
 def versions() -> dict[str, str]:
     python = find_worker_python()
     probe = subprocess.run(
-        [str(python), "-c", "import json, numpy, torch, infinity_emb, transformers; print(json.dumps("
-         "{'numpy': numpy.__version__, 'torch': torch.__version__, 'infinity_emb': infinity_emb.__version__,"
-         " 'transformers': transformers.__version__, 'cuda': torch.cuda.get_device_name() if torch.cuda.is_available() else ''}))"],
-        capture_output=True, text=True, env=worker_env(), check=False,
+        [
+            str(python),
+            "-c",
+            "import json, numpy, torch, infinity_emb, transformers; print(json.dumps("
+            "{'numpy': numpy.__version__, 'torch': torch.__version__, 'infinity_emb': infinity_emb.__version__,"
+            " 'transformers': transformers.__version__, 'cuda': torch.cuda.get_device_name() if torch.cuda.is_available() else ''}))",
+        ],
+        capture_output=True,
+        text=True,
+        env=worker_env(),
+        check=False,
     )
     found: dict[str, str] = json.loads(probe.stdout) if probe.returncode == 0 else {}
     return found
@@ -276,28 +346,57 @@ class Workload:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="minilm", help="model for latency/throughput: 'minilm' (bundled) or a path")
-    parser.add_argument("--large-model", default="conan",
-                        help="model for the large reply: 'conan' (tiny Conan-shaped), 'conan-large' (BERT-large "
-                             "Conan shape, for GPUs) or a path")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        default="minilm",
+        help="model for latency/throughput: 'minilm' (bundled) or a path",
+    )
+    parser.add_argument(
+        "--large-model",
+        default="conan",
+        help="model for the large reply: 'conan' (tiny Conan-shaped), 'conan-large' (BERT-large "
+        "Conan shape, for GPUs) or a path",
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", help="auto, float32, float16")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=3, help="alternating repetitions of every side")
-    parser.add_argument("--latency-n", type=int, default=100, help="sequential single-sentence requests")
-    parser.add_argument("--requests", type=int, default=64, help="concurrent requests in the throughput test")
-    parser.add_argument("--sentences", type=int, default=32, help="sentences per throughput request")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="alternating repetitions of every side"
+    )
+    parser.add_argument(
+        "--latency-n", type=int, default=100, help="sequential single-sentence requests"
+    )
+    parser.add_argument(
+        "--requests", type=int, default=64, help="concurrent requests in the throughput test"
+    )
+    parser.add_argument(
+        "--sentences", type=int, default=32, help="sentences per throughput request"
+    )
     parser.add_argument("--large-rows", type=int, default=1024, help="rows of the large reply")
-    parser.add_argument("--overhead-n", type=int, default=300,
-                        help="sequential requests to the null model (transport cost alone)")
-    parser.add_argument("--overhead-burst", type=int, default=1000,
-                        help="single-sentence requests in flight at once, to the null model")
-    parser.add_argument("--http-connections", type=int, default=16, help="client connections to the REST server")
+    parser.add_argument(
+        "--overhead-n",
+        type=int,
+        default=300,
+        help="sequential requests to the null model (transport cost alone)",
+    )
+    parser.add_argument(
+        "--overhead-burst",
+        type=int,
+        default=1000,
+        help="single-sentence requests in flight at once, to the null model",
+    )
+    parser.add_argument(
+        "--http-connections", type=int, default=16, help="client connections to the REST server"
+    )
     parser.add_argument("--no-rest", action="store_true", help="skip side C")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--title", default="", help="heading for this run (e.g. the card's name)")
-    parser.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
+    parser.add_argument(
+        "--append", action="store_true", help="append to --out instead of replacing it"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -307,8 +406,17 @@ def main() -> int:
         cache = REPO / ".bench_models"
         if not (cache / large_model / "config.json").exists():
             print(f"building the {large_model} model in {cache} ...", flush=True)
-            subprocess.run([str(find_worker_python()), str(REPO / "scripts" / "tiny_models.py"), str(cache), large_model],
-                           check=True, env=worker_env(), stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    str(find_worker_python()),
+                    str(REPO / "scripts" / "tiny_models.py"),
+                    str(cache),
+                    large_model,
+                ],
+                check=True,
+                env=worker_env(),
+                stdout=subprocess.DEVNULL,
+            )
         large_model = str(cache / large_model)
     (REPO / ".bench_models").mkdir(exist_ok=True)
     model_ids = [model, large_model, NULL_MODEL]
@@ -317,17 +425,32 @@ def main() -> int:
     sides = [s for s in SIDES if not (args.no_rest and s.startswith("C"))]
     workloads = [
         Workload("latency", 0, "seq", [[t] for t in texts_for(args.latency_n, seed=1)]),
-        Workload("throughput", 0, "burst", [texts_for(args.sentences, seed=100 + i) for i in range(args.requests)]),
+        Workload(
+            "throughput",
+            0,
+            "burst",
+            [texts_for(args.sentences, seed=100 + i) for i in range(args.requests)],
+        ),
         # One 1024-row request at a time, five times: the median is the sample.
         Workload("large", 1, "single", [texts_for(args.large_rows, seed=7, words=(4, 12))]),
         Workload("overhead latency", 2, "seq", [[t] for t in texts_for(args.overhead_n, seed=2)]),
-        Workload("overhead burst", 2, "burst", [[t] for t in texts_for(args.overhead_burst, seed=3)]),
+        Workload(
+            "overhead burst", 2, "burst", [[t] for t in texts_for(args.overhead_burst, seed=3)]
+        ),
     ]
 
-    print("starting A (in-process), B (bridge)" + ("" if args.no_rest else ", C (REST)") + " ...", flush=True)
+    print(
+        "starting A (in-process), B (bridge)" + ("" if args.no_rest else ", C (REST)") + " ...",
+        flush=True,
+    )
     started = time.perf_counter()
-    a = InProcess([{"model_id": m, "engine": e, "device": args.device, "dtype": args.dtype}
-                   for m, e in zip(model_ids, engines, strict=True)], args.batch_size)
+    a = InProcess(
+        [
+            {"model_id": m, "engine": e, "device": args.device, "dtype": args.dtype}
+            for m, e in zip(model_ids, engines, strict=True)
+        ],
+        args.batch_size,
+    )
     b = Bridge(model_ids, engines, args.device, args.dtype, args.batch_size)
     c = None if args.no_rest else Rest(model_ids, engines, args.device, args.dtype, args.batch_size)
     pool = ThreadPoolExecutor(args.http_connections)
@@ -358,7 +481,9 @@ def main() -> int:
     progress = tqdm(total=args.repeat * len(sides) * len(workloads), desc="bench", unit="run")
     try:
         for rep in range(args.repeat):
-            order = sides[rep % len(sides):] + sides[: rep % len(sides)]  # rotate: no side always first
+            order = (
+                sides[rep % len(sides) :] + sides[: rep % len(sides)]
+            )  # rotate: no side always first
             for work in workloads:
                 for side in order:
                     samples.setdefault((side, work.name), []).append(run(side, work))
@@ -376,8 +501,12 @@ def main() -> int:
     return 0
 
 
-def summarise(samples: dict[tuple[str, str], list[Any]], sides: list[str], args: argparse.Namespace,
-              workloads: list[Workload]) -> dict[str, Any]:
+def summarise(
+    samples: dict[tuple[str, str], list[Any]],
+    sides: list[str],
+    args: argparse.Namespace,
+    workloads: list[Workload],
+) -> dict[str, Any]:
     by_name = {w.name: w for w in workloads}
     rows = {w.name: sum(len(r) for r in w.requests) for w in workloads}
     out: dict[str, Any] = {"sides": sides, "per_side": {}, "ratios": {}, "rows": rows}
@@ -392,7 +521,10 @@ def summarise(samples: dict[tuple[str, str], list[Any]], sides: list[str], args:
             "large_dim": samples[(side, "large")][0][1],
             "null_p50_ms": [pct(x, 50) * 1000 for x in null_lat],
             "null_p99_ms": [pct(x, 99) * 1000 for x in null_lat],
-            "null_rps": [len(by_name["overhead burst"].requests) / s for s, _ in samples[(side, "overhead burst")]],
+            "null_rps": [
+                len(by_name["overhead burst"].requests) / s
+                for s, _ in samples[(side, "overhead burst")]
+            ],
         }
     n = args.repeat
     ps = out["per_side"]
@@ -404,8 +536,12 @@ def summarise(samples: dict[tuple[str, str], list[Any]], sides: list[str], args:
     ratios: dict[str, list[float]] = {
         "throughput B/A": ratio("B", "throughput", "A"),
         "large reply B/A (speed)": ratio("B", "large_s", "A", invert=True),
-        "p50 added by B over A (ms)": [ps["B"]["p50_ms"][i] - ps["A"]["p50_ms"][i] for i in range(n)],
-        "null model: p50 added by B over A (ms)": [ps["B"]["null_p50_ms"][i] - ps["A"]["null_p50_ms"][i] for i in range(n)],
+        "p50 added by B over A (ms)": [
+            ps["B"]["p50_ms"][i] - ps["A"]["p50_ms"][i] for i in range(n)
+        ],
+        "null model: p50 added by B over A (ms)": [
+            ps["B"]["null_p50_ms"][i] - ps["A"]["null_p50_ms"][i] for i in range(n)
+        ],
         "null model: requests/s B/A": ratio("B", "null_rps", "A"),
     }
     for encoding in ("float", "base64"):
@@ -464,32 +600,49 @@ def write_report(report: dict[str, Any], args: argparse.Namespace, stack: dict[s
     ]
     for side in report["sides"]:
         ps = report["per_side"][side]
-        lines.append(f"| {SIDE_NAMES[side]} | {spread(ps['p50_ms'], '{:.2f}')} | {spread(ps['p99_ms'], '{:.2f}')} | "
-                     f"{spread(ps['throughput'], '{:.1f}')} | {spread(ps['large_s'], '{:.3f}')} | "
-                     f"{spread(ps['null_p50_ms'], '{:.3f}')} | {spread(ps['null_p99_ms'], '{:.3f}')} | "
-                     f"{spread(ps['null_rps'], '{:.0f}')} |")
-    lines += ["", "| ratio (per repetition, side by side) | median | min | max | target |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {SIDE_NAMES[side]} | {spread(ps['p50_ms'], '{:.2f}')} | {spread(ps['p99_ms'], '{:.2f}')} | "
+            f"{spread(ps['throughput'], '{:.1f}')} | {spread(ps['large_s'], '{:.3f}')} | "
+            f"{spread(ps['null_p50_ms'], '{:.3f}')} | {spread(ps['null_p99_ms'], '{:.3f}')} | "
+            f"{spread(ps['null_rps'], '{:.0f}')} |"
+        )
+    lines += [
+        "",
+        "| ratio (per repetition, side by side) | median | min | max | target |",
+        "|---|---|---|---|---|",
+    ]
     targets = {name: (op, value) for name, op, value in TARGETS}
     for name, values in report["ratios"].items():
         target = ""
         if name in targets:
             op, value = targets[name]
-            ok = statistics.median(values) >= value if op == ">=" else statistics.median(values) <= value
+            ok = (
+                statistics.median(values) >= value
+                if op == ">="
+                else statistics.median(values) <= value
+            )
             target = f"{op} {value} {'✅' if ok else '❌'}"
-        lines.append(f"| {name} | {statistics.median(values):.3f} | {min(values):.3f} | {max(values):.3f} | {target} |")
+        lines.append(
+            f"| {name} | {statistics.median(values):.3f} | {min(values):.3f} | {max(values):.3f} | {target} |"
+        )
     lines.append("")
     section = "\n".join(lines) + "\n"
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    chart = args.out.with_suffix(".png") if not args.append else args.out.with_name(
-        f"{args.out.stem}-{args.device}.png")
+    chart = (
+        args.out.with_suffix(".png")
+        if not args.append
+        else args.out.with_name(f"{args.out.stem}-{args.device}.png")
+    )
     draw_chart(report, chart, title)
     section += f"\n![{title}]({chart.name})\n"
     if args.append and args.out.exists():
         text = args.out.read_text(encoding="utf-8").rstrip() + "\n\n" + section
     else:
         header_file = REPO / "docs" / "benchmarks_header.md"
-        header = header_file.read_text(encoding="utf-8") if header_file.exists() else "# Benchmarks\n"
+        header = (
+            header_file.read_text(encoding="utf-8") if header_file.exists() else "# Benchmarks\n"
+        )
         text = header.rstrip() + "\n\n" + section
     args.out.write_text(text, encoding="utf-8")
     print(section)

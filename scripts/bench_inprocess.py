@@ -35,10 +35,17 @@ async def serve(out: Any) -> None:
         answer: dict[str, Any] = {}
         if command["cmd"] == "load":
             args = [
-                EngineArgs(model_name_or_path=m["model_id"], engine=m.get("engine", "torch"),
-                           device=m.get("device", "cpu"), dtype=m.get("dtype", "auto"),
-                           batch_size=command.get("batch_size", 32), bettertransformer=False,
-                           lengths_via_tokenize=True, model_warmup=False, trust_remote_code=True)
+                EngineArgs(
+                    model_name_or_path=m["model_id"],
+                    engine=m.get("engine", "torch"),
+                    device=m.get("device", "cpu"),
+                    dtype=m.get("dtype", "auto"),
+                    batch_size=command.get("batch_size", 32),
+                    bettertransformer=False,
+                    lengths_via_tokenize=True,
+                    model_warmup=False,
+                    trust_remote_code=True,
+                )
                 for m in command["models"]
             ]
             array = AsyncEngineArray.from_args(args)
@@ -57,7 +64,11 @@ async def serve(out: Any) -> None:
             started = time.perf_counter()
             results = await asyncio.gather(*(engine.embed(r) for r in command["requests"]))
             wall = time.perf_counter() - started
-            answer = {"seconds": wall, "rows": sum(len(r[0]) for r in results), "dim": int(len(results[0][0][0]))}
+            answer = {
+                "seconds": wall,
+                "rows": sum(len(r[0]) for r in results),
+                "dim": len(results[0][0][0]),
+            }
         elif command["cmd"] == "quit":
             break
         out.write(json.dumps(answer) + "\n")

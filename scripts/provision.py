@@ -70,7 +70,9 @@ def has_nvidia_gpu() -> bool:
     if shutil.which("nvidia-smi") is None:
         return False
     try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "-L"], check=False, capture_output=True, text=True, timeout=20
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return out.returncode == 0 and "GPU" in out.stdout
@@ -110,13 +112,16 @@ def stamp_matches(venv: Path, expected: str) -> bool:
     if recorded != expected:
         return False
     # The interpreter may have vanished under us (a pyenv upgrade, say).
-    probe = subprocess.run([str(venv_python(venv)), "-c", "import bridge"], capture_output=True)
+    probe = subprocess.run(
+        [str(venv_python(venv)), "-c", "import bridge"], check=False, capture_output=True
+    )
     return probe.returncode == 0
 
 
 def recorded_variant(venv: Path) -> str | None:
     try:
-        return json.loads((venv / STAMP_NAME).read_text()).get("variant")
+        variant = json.loads((venv / STAMP_NAME).read_text()).get("variant")
+        return str(variant) if variant is not None else None
     except (OSError, ValueError):
         return None
 
@@ -129,7 +134,9 @@ def write_stamp(venv: Path, expected: str, variant: str) -> None:
 
 def ensure_venv(python: str, venv: Path) -> None:
     if venv_python(venv).exists():
-        probe = subprocess.run([str(venv_python(venv)), "-c", "pass"], capture_output=True)
+        probe = subprocess.run(
+            [str(venv_python(venv)), "-c", "pass"], check=False, capture_output=True
+        )
         if probe.returncode == 0:
             return
         log(f"{venv} is broken; recreating it")
@@ -152,7 +159,9 @@ def install_bridge(venv: Path) -> None:
 
 
 def check_imports(venv: Path, code: str, what: str) -> None:
-    result = subprocess.run([str(venv_python(venv)), "-c", code], capture_output=True, text=True)
+    result = subprocess.run(
+        [str(venv_python(venv)), "-c", code], check=False, capture_output=True, text=True
+    )
     if result.returncode != 0:
         sys.stderr.write(result.stdout + result.stderr)
         raise ProvisionError(f"the {what} venv was built but its import check failed (above)")

@@ -50,8 +50,7 @@ def bert_vocab(directory: Path) -> Path:
         "where",
     ]
     tokens += words + ["##" + w for w in ("ing", "ed", "s", "er", "ly")]
-    seen: set[str] = set()
-    unique = [t for t in tokens if not (t in seen or seen.add(t))]
+    unique = list(dict.fromkeys(tokens))  # first occurrence wins, order kept
     path = directory / "vocab.txt"
     path.write_text("\n".join(unique) + "\n", encoding="utf-8")
     return path
@@ -92,8 +91,14 @@ def make_conan(directory: Path, large: bool = False) -> dict[str, object]:
     max_length = 512 if large else 128
     tokenizer = bert_tokenizer(directory, max_length=max_length)
     if large:
-        config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=1024, num_hidden_layers=24,
-                            num_attention_heads=16, intermediate_size=4096, max_position_embeddings=512)
+        config = BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            max_position_embeddings=512,
+        )
     else:
         config = bert_config(tokenizer.vocab_size)
     BertModel(config).save_pretrained(directory)
@@ -298,8 +303,9 @@ def make_poison(directory: Path) -> dict[str, object]:
 def bert_tokenizer_from_vocab(directory: Path, max_length: int):  # type: ignore[no-untyped-def]
     from transformers import BertTokenizerFast
 
-    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True,
-                                  model_max_length=max_length)
+    tokenizer = BertTokenizerFast(
+        vocab_file=str(directory / "vocab.txt"), do_lower_case=True, model_max_length=max_length
+    )
     tokenizer.save_pretrained(directory)
     return tokenizer
 

@@ -37,7 +37,12 @@ def run_helper(script: str, *args: str, timeout: float = 600) -> str:
     }
     env["HF_HUB_OFFLINE"] = "1"
     proc = subprocess.run(
-        [str(worker_python()), str(HELPERS / script if (HELPERS / script).exists() else REPO / "scripts" / script), *args],
+        [
+            str(worker_python()),
+            str(HELPERS / script if (HELPERS / script).exists() else REPO / "scripts" / script),
+            *args,
+        ],
+        check=False,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -65,7 +70,34 @@ def reference(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def mixed_texts(count: int, seed: int = 0) -> list[str]:
     """English, Chinese, mixed, short and long (beyond 256 tokens) texts."""
     rng = np.random.default_rng(seed)
-    english = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "the", "cat", "sleeps", "on", "a", "warm", "mat", "and", "markets", "rise", "as", "engineers", "ship", "embeddings", "through", "sockets"]
+    english = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "the",
+        "lazy",
+        "dog",
+        "while",
+        "the",
+        "cat",
+        "sleeps",
+        "on",
+        "a",
+        "warm",
+        "mat",
+        "and",
+        "markets",
+        "rise",
+        "as",
+        "engineers",
+        "ship",
+        "embeddings",
+        "through",
+        "sockets",
+    ]
     chinese = list("我们今天在公园里散步天气很好小猫坐在垫子上股市大幅下跌机器学习模型向量检索")
     texts = []
     for i in range(count):

@@ -128,5 +128,5 @@ def test_missing_worker_interpreter_is_a_configuration_error(tmp_path: Path) -> 
 def test_bad_constructor_arguments_fail_before_spawning(kwargs: dict[str, object]) -> None:
     before = set(_support.worker_pids_of(os.getpid()))
     with pytest.raises(ConfigurationError):
-        BatchedInference(**kwargs)  # type: ignore[arg-type]
+        BatchedInference(**kwargs)
     assert set(_support.worker_pids_of(os.getpid())) <= before

@@ -54,7 +54,7 @@ def test_minilm_equals_sentence_transformers(
 def test_usage_equals_in_process_infinity(
     minilm: BatchedInference, minilm_path: str, texts: list[str]
 ) -> None:
-    requests = list(_support.chunks(texts[:60], 12)) + [[texts[60]], texts[61:100]]
+    requests = [*_support.chunks(texts[:60], 12), [texts[60]], texts[61:100]]
     results = [f.result(timeout=300) for f in [minilm.embed(sentences=r) for r in requests]]
     [expected] = _support.reference(
         [

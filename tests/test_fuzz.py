@@ -15,15 +15,60 @@ from hypothesis import strategies as st
 from bridge import BatchedInference
 from bridge import _protocol as proto
 
-KINDS = ["HELLO", "READY", "FAILED", "REQUEST", "RESULT", "ERROR", "CANCEL", "PING", "PONG", "STATUS", "BYE", "X"]
-FIELDS = ["kind", "v", "id", "op", "model", "texts", "media", "query", "timeout_s", "attempt", "raw_scores",
-          "role", "pid", "token", "shutdown", "t", "report", "frame", "mode", "width", "height", "url"]
+KINDS = [
+    "HELLO",
+    "READY",
+    "FAILED",
+    "REQUEST",
+    "RESULT",
+    "ERROR",
+    "CANCEL",
+    "PING",
+    "PONG",
+    "STATUS",
+    "BYE",
+    "X",
+]
+FIELDS = [
+    "kind",
+    "v",
+    "id",
+    "op",
+    "model",
+    "texts",
+    "media",
+    "query",
+    "timeout_s",
+    "attempt",
+    "raw_scores",
+    "role",
+    "pid",
+    "token",
+    "shutdown",
+    "t",
+    "report",
+    "frame",
+    "mode",
+    "width",
+    "height",
+    "url",
+]
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=True),
-    st.text(max_size=20), st.binary(max_size=20),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+    st.binary(max_size=20),
 )
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 @st.composite
@@ -33,23 +78,40 @@ def hostile_headers(draw: st.DrawFn) -> bytes:
         header["kind"] = draw(st.sampled_from(KINDS))
     if draw(st.booleans()):
         header["v"] = draw(st.sampled_from([1, 1, 1, 0, 2, -1, 2**40]))
-    return msgpack.packb(header, use_bin_type=True)
+    packed: bytes = msgpack.packb(header, use_bin_type=True)
+    return packed
 
 
 @st.composite
 def hostile_requests(draw: st.DrawFn, model: str) -> list[bytes]:
     """Well-formed REQUESTs whose frames lie: wrong counts, sizes, modes, URLs."""
-    media = draw(st.lists(st.fixed_dictionaries({}, optional={
-        "url": st.sampled_from(["/etc/passwd", "file:///etc/passwd", "ftp://x", "http://", ""]),
-        "frame": st.integers(0, 5),
-        "mode": st.sampled_from(["RGB", "L", "I;16", "1", "??"]),
-        "width": st.integers(1, 70000),
-        "height": st.integers(1, 70000),
-    }), max_size=3))
-    header = {"kind": "REQUEST", "v": 1, "id": draw(st.integers(0, 2**63 - 1)),
-              "op": draw(st.sampled_from(list(proto.OPS))), "model": draw(st.sampled_from([model, "nope", ""])),
-              "texts": draw(st.lists(st.text(max_size=30), max_size=3)), "media": media,
-              "timeout_s": draw(st.none() | st.floats(0, 5))}
+    media = draw(
+        st.lists(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "url": st.sampled_from(
+                        ["/etc/passwd", "file:///etc/passwd", "ftp://x", "http://", ""]
+                    ),
+                    "frame": st.integers(0, 5),
+                    "mode": st.sampled_from(["RGB", "L", "I;16", "1", "??"]),
+                    "width": st.integers(1, 70000),
+                    "height": st.integers(1, 70000),
+                },
+            ),
+            max_size=3,
+        )
+    )
+    header = {
+        "kind": "REQUEST",
+        "v": 1,
+        "id": draw(st.integers(0, 2**63 - 1)),
+        "op": draw(st.sampled_from(list(proto.OPS))),
+        "model": draw(st.sampled_from([model, "nope", ""])),
+        "texts": draw(st.lists(st.text(max_size=30), max_size=3)),
+        "media": media,
+        "timeout_s": draw(st.none() | st.floats(0, 5)),
+    }
     frames = draw(st.lists(st.binary(max_size=64), max_size=3))
     return [msgpack.packb(header), *frames]
 
@@ -89,18 +151,29 @@ fuzz_settings = settings(max_examples=150, deadline=None, suppress_health_check=
 
 @fuzz_settings
 @given(frames=st.lists(st.binary(max_size=300), min_size=1, max_size=4))
-def test_random_frames(minilm: BatchedInference, attacker: zmq.Socket[bytes], baseline: dict[str, Any],
-                       frames: list[bytes]) -> None:
+def test_random_frames(
+    minilm: BatchedInference,
+    attacker: zmq.Socket[bytes],
+    baseline: dict[str, Any],
+    frames: list[bytes],
+) -> None:
     attacker.send_multipart(frames)
     for reply in drain(attacker):
         message = proto.decode_header(reply[0])  # whatever comes back is well-formed
-        assert isinstance(message, (proto.Error, proto.Pong, proto.Hello, proto.Ready, proto.Status, proto.Result))
+        assert isinstance(
+            message, (proto.Error, proto.Pong, proto.Hello, proto.Ready, proto.Status, proto.Result)
+        )
 
 
 @fuzz_settings
 @given(header=hostile_headers(), extra=st.lists(st.binary(max_size=100), max_size=3))
-def test_hostile_headers(minilm: BatchedInference, attacker: zmq.Socket[bytes], baseline: dict[str, Any],
-                         header: bytes, extra: list[bytes]) -> None:
+def test_hostile_headers(
+    minilm: BatchedInference,
+    attacker: zmq.Socket[bytes],
+    baseline: dict[str, Any],
+    header: bytes,
+    extra: list[bytes],
+) -> None:
     attacker.send_multipart([header, *extra])
     for reply in drain(attacker):
         proto.decode_header(reply[0])
@@ -108,14 +181,25 @@ def test_hostile_headers(minilm: BatchedInference, attacker: zmq.Socket[bytes], 
 
 @fuzz_settings
 @given(data=st.data())
-def test_lying_requests(minilm: BatchedInference, attacker: zmq.Socket[bytes], baseline: dict[str, Any],
-                        data: st.DataObject) -> None:
+def test_lying_requests(
+    minilm: BatchedInference,
+    attacker: zmq.Socket[bytes],
+    baseline: dict[str, Any],
+    data: st.DataObject,
+) -> None:
     frames = data.draw(hostile_requests(minilm.models[0]["name"]))
     attacker.send_multipart(frames)
     for reply in drain(attacker):
         message = proto.decode_header(reply[0])
         if isinstance(message, proto.Error):
-            assert message.error.category in ("protocol", "input", "unsupported", "unknown_model", "too_large", "deadline")
+            assert message.error.category in (
+                "protocol",
+                "input",
+                "unsupported",
+                "unknown_model",
+                "too_large",
+                "deadline",
+            )
 
 
 def test_worker_survived_the_fuzzing(minilm: BatchedInference, baseline: dict[str, Any]) -> None:
