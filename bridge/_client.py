@@ -140,6 +140,10 @@ class _ClientBase:
         self._core = BridgeCore(targets, self.config)
         # Stop the workers if the client is dropped without stop().
         self._finalizer = weakref.finalize(self, self._core.stop, 0.0)
+        self._started()
+
+    def _started(self) -> None:
+        """Called once the workers are starting; the sync client waits for them here."""
 
     # -- construction -----------------------------------------------------------
 
@@ -437,8 +441,7 @@ class BatchedInference(_ClientBase):
     instead of spawning one.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def _started(self) -> None:
         core = self._require_core()
         try:
             models = core.ready_future.result(timeout=self.config.startup_timeout + 5.0)

@@ -549,6 +549,12 @@ def summarise(
         if side in ps:
             ratios[f"throughput B/C-{encoding}"] = ratio("B", "throughput", side)
             ratios[f"large reply B/C-{encoding} (speed)"] = ratio("B", "large_s", side, invert=True)
+            # The same, without the model's compute: time each path adds over A.
+            ratios[f"large reply: time added over A, C-{encoding}/B"] = [
+                (ps[side]["large_s"][i] - ps["A"]["large_s"][i])
+                / max(ps["B"]["large_s"][i] - ps["A"]["large_s"][i], 1e-3)
+                for i in range(n)
+            ]
             ratios[f"p50 latency B/C-{encoding}"] = ratio("B", "p50_ms", side)
             ratios[f"null model: p50 latency B/C-{encoding}"] = ratio("B", "null_p50_ms", side)
             ratios[f"null model: requests/s B/C-{encoding}"] = ratio("B", "null_rps", side)
@@ -585,7 +591,7 @@ def write_report(report: dict[str, Any], args: argparse.Namespace, stack: dict[s
         f"large reply `{Path(args.large_model).name}` ({report['per_side']['B']['large_dim']} dims); "
         f"dtype {args.dtype}, batch size {args.batch_size}, BetterTransformer off on every side",
         f"- workloads: latency = {args.latency_n} sequential 1-sentence requests; throughput = {args.requests} "
-        f"requests x {args.sentences} sentences all in flight ({report['rows']} rows); large reply = one request "
+        f"requests x {args.sentences} sentences all in flight ({report['rows']['throughput']} rows); large reply = one request "
         f"of {report['large_rows']} rows x {report['per_side']['B']['large_dim']} float32 "
         f"({report['large_rows'] * report['per_side']['B']['large_dim'] * 4 / 1e6:.1f} MB)",
         f"- {args.repeat} repetitions, sides alternating in rotated order; cells are median (min–max)",

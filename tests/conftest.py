@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ import pytest
 # No hub, ever: models are the bundled MiniLM or built by the tests.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# infinity writes a cache directory at import; keep it out of the checkout.
+os.environ.setdefault("INFINITY_HOME", tempfile.mkdtemp(prefix="bridge-tests-infinity-"))
 
 import _support
 

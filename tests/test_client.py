@@ -8,6 +8,7 @@ import os
 import stat
 import sys
 from pathlib import Path
+from typing import Any
 
 import _support
 import numpy as np
@@ -125,7 +126,7 @@ def test_missing_worker_interpreter_is_a_configuration_error(tmp_path: Path) -> 
         {"address": "tcp://10.1.2.3:5555"},  # non-loopback without CurveZMQ keys
     ],
 )
-def test_bad_constructor_arguments_fail_before_spawning(kwargs: dict[str, object]) -> None:
+def test_bad_constructor_arguments_fail_before_spawning(kwargs: dict[str, Any]) -> None:
     before = set(_support.worker_pids_of(os.getpid()))
     with pytest.raises(ConfigurationError):
         BatchedInference(**kwargs)
