@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import os
 import secrets
 import time
@@ -28,10 +29,8 @@ from bridge._endpoints import (
     new_ipc_endpoint,
 )
 from bridge._errors import (
-    BridgeError,
     ConfigurationError,
     InvalidInputError,
-    RequestTimeoutError,
     UnknownModelError,
     UnsupportedOperationError,
     WorkerStartupError,
@@ -67,6 +66,13 @@ def _default_infinity_home() -> dict[str, str]:
         return {}
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return {"INFINITY_HOME": os.path.join(base, "infinity-bridge")}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Wait:
+    """How long a call may wait for capacity (None: as long as it takes)."""
+
+    seconds: float | None
 
 
 class _ClientBase:
@@ -395,6 +401,21 @@ class _ClientBase:
             )
         return float(timeout)
 
+    def _admit_now(self, call: Call) -> _Wait | None:
+        """Take capacity for ``call`` if there is room; else say how long it may wait.
+
+        Raises OverloadedError at once with ``overload="raise"``. Waiting itself
+        is the caller's: blocking for the sync client, awaited for asyncio.
+        """
+        core = self._require_core()
+        core.check_open()
+        if core.gate.try_acquire(call.items):
+            return None
+        if self.config.overload == "raise":
+            raise overloaded(call.items, core.gate, None)
+        remaining = None if call.deadline is None else max(0.0, call.deadline - time.monotonic())
+        return _Wait(remaining)
+
     def _build(self, op: str, model_id: Any, timeout: Any, **payload: Any) -> Call:
         info = self._model(model_id, op)
         limit = self.config.max_item_chars
@@ -471,18 +492,10 @@ class BatchedInference(_ClientBase):
     # -- the embed API ------------------------------------------------------------
 
     def _submit(self, call: Call) -> concurrent.futures.Future[Any]:
-        core = self._require_core()
-        core.check_open()
-        gate = core.gate
-        if not gate.try_acquire(call.items):
-            if self.config.overload == "raise":
-                raise overloaded(call.items, gate, None)
-            remaining = (
-                None if call.deadline is None else max(0.0, call.deadline - time.monotonic())
-            )
-            if not gate.acquire(call.items, remaining):
-                raise overloaded(call.items, gate, remaining)
-        core.submit(call)
+        wait = self._admit_now(call)
+        if wait is not None and not self._require_core().gate.acquire(call.items, wait.seconds):
+            raise overloaded(call.items, self._require_core().gate, wait.seconds)
+        self._require_core().submit(call)
         return call.future
 
     def embed(
@@ -583,26 +596,12 @@ class AsyncBatchedInference(_ClientBase):
         except TimeoutError:
             raise WorkerStartupError("the worker did not get ready in time") from None
         call = self._build(op, model_id, timeout, **payload)
-        core = self._require_core()
-        core.check_open()
-        gate = core.gate
-        if not gate.try_acquire(call.items):
-            if self.config.overload == "raise":
-                raise overloaded(call.items, gate, None)
-            remaining = (
-                None if call.deadline is None else max(0.0, call.deadline - time.monotonic())
-            )
-            if not await gate.acquire_async(call.items, remaining):
-                raise overloaded(call.items, gate, remaining)
-        core.submit(call)
-        try:
-            return await asyncio.wrap_future(call.future)
-        except concurrent.futures.CancelledError:
-            raise
-        except BridgeError:
-            raise
-        except TimeoutError as exc:  # defensive: every error should already be ours
-            raise RequestTimeoutError(str(exc)) from exc
+        gate = self._require_core().gate
+        wait = self._admit_now(call)
+        if wait is not None and not await gate.acquire_async(call.items, wait.seconds):
+            raise overloaded(call.items, gate, wait.seconds)
+        self._require_core().submit(call)
+        return await asyncio.wrap_future(call.future)
 
     async def embed(
         self,

@@ -14,8 +14,8 @@ What the I/O thread polls, in one ``zmq.Poller``:
 * each spawned worker's pidfd: readable the instant the process exits.
 
 And what it keeps an eye on between polls: call deadlines, heartbeats (a
-PING every ``heartbeat_interval``; a PING unanswered for
-``heartbeat_timeout`` means hung: SIGKILL, then the crash path), start-up
+PING every ``heartbeat_interval``; a worker silent for ``heartbeat_timeout``
+while a PING is outstanding is hung: SIGKILL, then the crash path), start-up
 time-outs and restart back-off.
 
 Crash path: every call in flight on the dead worker is retried on a fresh
@@ -54,7 +54,6 @@ from bridge._errors import (
     ClientClosedError,
     ConfigurationError,
     InputTooLargeError,
-    InvalidInputError,
     OverloadedError,
     PoisonRequestError,
     ProtocolError,
@@ -467,10 +466,11 @@ class BridgeCore:
     def _connect(self, slot: _Slot) -> None:
         sock = self._ctx.socket(zmq.DEALER)
         sock.linger = 0
+        # No high-water marks: the capacity gate bounds what is in flight,
+        # and zmq must never drop or block on our behalf. Messages queue until
+        # the worker has bound (no ZMQ_IMMEDIATE), so HELLO can go out at once.
         sock.sndhwm = 0
         sock.rcvhwm = 0
-        # Do not queue messages for a peer that is not connected yet? We do
-        # want that: HELLO waits in the queue until the worker has bound.
         if slot.target.curve is not None:
             apply_curve_client(sock, slot.target.curve)
         elif endpoint_needs_curve(slot.endpoint):
@@ -787,15 +787,19 @@ class BridgeCore:
             self._call_soon(lambda: self._cancel(call))
 
     def _cancel(self, call: Call) -> None:
-        if call.finished:
-            return
+        if not call.finished:
+            self._withdraw(call)
+            self._finish(call, error=None)
+
+    def _withdraw(self, call: Call) -> None:
+        """Take an unfinished call back: tell its worker to drop it, or unqueue it."""
         slot = call.slot
         if slot is not None and slot.inflight.pop(call.id, None) is not None:
             slot.items -= call.items
             self._send(slot, proto.Cancel(id=call.id))
-        with contextlib.suppress(ValueError):
-            self._backlog.remove(call)
-        self._finish(call, error=None)
+        else:
+            with contextlib.suppress(ValueError):
+                self._backlog.remove(call)
 
     # -- timers ---------------------------------------------------------------
 
@@ -861,13 +865,7 @@ class BridgeCore:
             _, _, call = heapq.heappop(self._deadlines)
             if call.finished:
                 continue
-            slot = call.slot
-            if slot is not None and slot.inflight.pop(call.id, None) is not None:
-                slot.items -= call.items
-                self._send(slot, proto.Cancel(id=call.id))
-            else:
-                with contextlib.suppress(ValueError):
-                    self._backlog.remove(call)
+            self._withdraw(call)
             self._finish(
                 call,
                 error=RequestTimeoutError(
@@ -1029,6 +1027,3 @@ def check_message_size(call: Call, limit: int) -> None:
         raise InputTooLargeError(
             f"the request is {size} bytes, over the {limit}-byte message limit; split it into smaller calls"
         )
-
-
-_ = InvalidInputError  # re-exported for the frontends' convenience

@@ -220,15 +220,7 @@ class Worker:
         try:
             message = proto.decode_header(frames[1].buffer)
         except ProtocolError as exc:
-            self.send_soon(
-                peer,
-                proto.Error(
-                    id=None,
-                    error=proto.ErrorInfo(
-                        category="protocol", type=type(exc).__name__, message=str(exc)
-                    ),
-                ),
-            )
+            self.refuse(peer, None, "protocol", type(exc).__name__, str(exc))
             return
         data = frames[2:]
         if isinstance(message, proto.Request):
@@ -246,16 +238,13 @@ class Worker:
         elif isinstance(message, proto.Bye):
             self.on_bye(peer, message)
         else:
-            self.send_soon(
+            name = type(message).__name__.upper()
+            self.refuse(
                 peer,
-                proto.Error(
-                    id=getattr(message, "id", None),
-                    error=proto.ErrorInfo(
-                        category="protocol",
-                        type="ProtocolError",
-                        message=f"a worker does not accept {type(message).__name__.upper()} messages",
-                    ),
-                ),
+                getattr(message, "id", None),
+                "protocol",
+                "ProtocolError",
+                f"a worker does not accept {name} messages",
             )
 
     def on_hello(self, peer: bytes, hello: proto.Hello) -> None:
@@ -287,46 +276,31 @@ class Worker:
     def on_request(self, peer: bytes, request: proto.Request, data: list[zmq.Frame]) -> None:
         key = (peer, request.id)
         if self.state != "ready":
-            self.send_soon(
-                peer,
-                proto.Error(
-                    id=request.id,
-                    error=proto.ErrorInfo(
-                        category="unavailable",
-                        type="NotReady",
-                        message=f"the worker is {self.state}",
-                    ),
-                ),
-            )
+            self.refuse(peer, request.id, "unavailable", "NotReady", f"the worker is {self.state}")
             return
         if key in self.tasks:
-            self.send_soon(
+            self.refuse(
                 peer,
-                proto.Error(
-                    id=request.id,
-                    error=proto.ErrorInfo(
-                        category="protocol",
-                        type="ProtocolError",
-                        message=f"request id {request.id} is already in flight",
-                    ),
-                ),
+                request.id,
+                "protocol",
+                "ProtocolError",
+                f"request id {request.id} is already in flight",
             )
             return
         problem = self.oversized(request)
         if problem:
-            self.send_soon(
-                peer,
-                proto.Error(
-                    id=request.id,
-                    error=proto.ErrorInfo(
-                        category="too_large", type="InputTooLarge", message=problem
-                    ),
-                ),
-            )
+            self.refuse(peer, request.id, "too_large", "InputTooLarge", problem)
             return
         task = asyncio.get_running_loop().create_task(self.serve(peer, request, data))
         self.tasks[key] = task
         task.add_done_callback(lambda _t, key=key: self.tasks.pop(key, None))  # type: ignore[misc]
+
+    def refuse(
+        self, peer: bytes, request_id: int | None, category: str, type_name: str, message: str
+    ) -> None:
+        """Answer a message with an ERROR (and nothing else)."""
+        error = proto.ErrorInfo(category=category, type=type_name, message=message)
+        self.send_soon(peer, proto.Error(id=request_id, error=error))
 
     def oversized(self, request: proto.Request) -> str:
         """The worker's own limits: clients are checked, but not trusted."""
