@@ -78,6 +78,7 @@ class Worker:
         self.peers: set[bytes] = set()  # those that said HELLO, told when loading ends
         self.owners: set[bytes] = set()
         self.tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
+        self.sending: set[asyncio.Task[None]] = set()
         self.items_in_flight = 0
         self.served = 0
         self.owner_token = os.environ.pop("BRIDGE_OWNER_TOKEN", "")
@@ -132,7 +133,10 @@ class Worker:
             log.debug("send to a peer failed: %s", exc)
 
     def send_soon(self, peer: bytes, message: proto.Message) -> None:
-        asyncio.get_running_loop().create_task(self.send(peer, message))
+        task = asyncio.get_running_loop().create_task(self.send(peer, message))
+        # The loop keeps only weak references to tasks: hold on until sent.
+        self.sending.add(task)
+        task.add_done_callback(self.sending.discard)
 
     # -- main loop ------------------------------------------------------------
 
