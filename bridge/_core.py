@@ -432,6 +432,9 @@ class BridgeCore:
         for slot in self._slots:
             if slot.sock is not None:
                 wake = min(wake, slot.next_ping)
+                if slot.unanswered_ping_since is not None:
+                    # Wake right when silence would mean "hung", not at the next tick.
+                    wake = min(wake, slot.last_received + self.config.heartbeat_timeout + 0.001)
             if slot.restart_at is not None:
                 wake = min(wake, slot.restart_at)
         return max(0, int((wake - now) * 1000) + 1)

@@ -146,7 +146,10 @@ def check_still_correct(minilm: BatchedInference, baseline: dict[str, Any]) -> N
     assert usage == baseline["usage"]
 
 
-fuzz_settings = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+# derandomize: CI must be reproducible; raise max_examples or drop derandomize to fuzz wider locally.
+fuzz_settings = settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+)
 
 
 @fuzz_settings
