@@ -74,8 +74,8 @@ def _positive(name: str, value: float | None, *, allow_none: bool = False) -> No
         if not allow_none:
             raise ConfigurationError(f"{name} may not be None")
         return
-    if not value > 0:
-        raise ConfigurationError(f"{name} must be > 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigurationError(f"{name} must be a number > 0, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +133,11 @@ class ClientConfig:
         _positive("max_item_chars", self.max_item_chars)
         if self.overload not in ("block", "raise"):
             raise ConfigurationError(f"overload must be 'block' or 'raise', got {self.overload!r}")
-        if self.max_retries < 0:
+        if (
+            isinstance(self.max_retries, bool)
+            or not isinstance(self.max_retries, int)
+            or self.max_retries < 0
+        ):
             raise ConfigurationError(f"max_retries must be >= 0, got {self.max_retries}")
 
 

@@ -122,6 +122,9 @@ def test_missing_worker_interpreter_is_a_configuration_error(tmp_path: Path) -> 
         {"model_id": ["x/a", "x/a"]},
         {"model_id": "a", "timeout": -1},
         {"model_id": "a", "overload": "drop"},
+        {"model_id": "a", "timeout": "5"},
+        {"model_id": "a", "max_retries": -1},
+        {"model_id": "a", "heartbeat_interval": 3, "heartbeat_timeout": 2},
         {"address": "http://127.0.0.1:1"},
         {"address": "tcp://10.1.2.3:5555"},  # non-loopback without CurveZMQ keys
     ],
