@@ -112,7 +112,7 @@ class ClientConfig:
             "max_item_chars": _env_int("BRIDGE_MAX_ITEM_CHARS", cls.max_item_chars),
         }
         for key, value in overrides.items():
-            if value is not _UNSET:
+            if value is not UNSET:
                 values[key] = value
         config = cls(**values)  # type: ignore[arg-type]
         config.validate()
@@ -147,5 +147,4 @@ class _Unset:
 
 
 #: Marks a keyword argument the caller did not pass (None can be meaningful).
-_UNSET: object = _Unset()
-UNSET = _UNSET
+UNSET: object = _Unset()

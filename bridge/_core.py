@@ -257,7 +257,6 @@ class _Slot:
         self.inflight: dict[int, Call] = {}
         self.items = 0
         self.started_at = 0.0
-        self.ready_at = 0.0
         self.next_ping = 0.0
         self.unanswered_ping_since: float | None = None
         self.last_received = 0.0
@@ -552,8 +551,7 @@ class BridgeCore:
                 self._finish(call, error=error)
             else:
                 self._backlog.appendleft(call)
-        if state != "stopping":
-            self._schedule_restart(slot)
+        self._schedule_restart(slot)
         self._dispatch()
 
     def _schedule_restart(self, slot: _Slot) -> None:
@@ -663,12 +661,10 @@ class BridgeCore:
         if message.id is None:
             log.warning("worker %d complained: %s", slot.index, message.error.message)
             if message.error.category == "protocol" and slot.state == "starting":
-                self._slot_start_failed(
-                    slot,
-                    ProtocolVersionError(message.error.message)
-                    if "version" in message.error.message
-                    else ProtocolError(message.error.message),
-                )
+                # The worker names the exception it raised while decoding.
+                is_version = message.error.type == ProtocolVersionError.__name__
+                error_type = ProtocolVersionError if is_version else ProtocolError
+                self._slot_start_failed(slot, error_type(message.error.message))
             return
         call = slot.inflight.pop(message.id, None)
         if call is None:
@@ -704,7 +700,6 @@ class BridgeCore:
             return
         slot.ready = message
         slot.state = "ready"
-        slot.ready_at = time.monotonic()
         if slot.ever_ready:
             slot.restarts += 1
             log.warning("worker %d is back (pid %s)", slot.index, slot.pid)
@@ -815,8 +810,7 @@ class BridgeCore:
             if slot.sock is None:
                 continue
             if slot.state == "starting" and now - slot.started_at > self.config.startup_timeout:
-                if slot.process is not None:
-                    slot.process.kill()
+                # _slot_down kills and reaps a spawned worker.
                 self._slot_down(
                     slot, f"worker did not get ready within {self.config.startup_timeout:.0f} s"
                 )

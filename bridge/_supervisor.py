@@ -206,7 +206,7 @@ class WorkerProcess:
 
 
 class Backoff:
-    """Exponential restart delay: initial, x2 per failure, capped; reset on health."""
+    """Exponential restart delay: initial, x2 per restart, capped (for the client's lifetime)."""
 
     def __init__(self, initial: float, maximum: float) -> None:
         self._initial = initial
@@ -217,6 +217,3 @@ class Backoff:
         delay = self._next
         self._next = min(self._next * 2.0, self._maximum)
         return delay
-
-    def reset(self) -> None:
-        self._next = self._initial

@@ -41,6 +41,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -166,12 +167,7 @@ class Worker:
             await self.host.load()
         except Exception as exc:
             self.state = "failed"
-            self.failure = proto.ErrorInfo(
-                category="startup",
-                type=type(exc).__name__,
-                message=str(exc),
-                traceback="".join(traceback.format_exception(exc)),
-            )
+            self.failure = msgspec.structs.replace(error_info(exc), category="startup")
             sys.stderr.write("bridge.worker: loading the models failed:\n" + self.failure.traceback)
             for peer in self.peers:
                 await self.send(peer, proto.Failed(error=self.failure))

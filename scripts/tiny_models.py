@@ -127,12 +127,15 @@ def make_classifier(directory: Path, labels: list[str]) -> dict[str, object]:
     return {"labels": labels}
 
 
-def byte_level_bpe_files(directory: Path, end_of_word: str) -> None:
-    """A vocab.json/merges.txt with every byte symbol and no merges: valid, tiny."""
+def byte_level_bpe_files(directory: Path, end_of_word: str, specials: tuple[str, ...] = ()) -> None:
+    """A vocab.json/merges.txt with every byte symbol and no merges: valid, tiny.
+
+    ``specials`` get the first ids, in order.
+    """
     from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
 
     symbols = list(bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
+    vocab: dict[str, int] = {special: i for i, special in enumerate(specials)}
     for symbol in symbols:
         vocab[symbol] = len(vocab)
     if end_of_word:
@@ -200,14 +203,11 @@ def make_clap(directory: Path) -> dict[str, object]:
 
     torch.manual_seed(48)
     directory.mkdir(parents=True, exist_ok=True)
-    byte_level_bpe_files(directory, end_of_word="")
     # Specials first, as in RoBERTa: the pad id doubles as the position
     # embeddings' padding index and must be small.
-    symbols = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
-    vocab = {special: i for i, special in enumerate(("<s>", "<pad>", "</s>", "<unk>", "<mask>"))}
-    for symbol in symbols:
-        vocab[symbol] = len(vocab)
-    (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    byte_level_bpe_files(
+        directory, end_of_word="", specials=("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+    )
     tokenizer = RobertaTokenizer(
         vocab_file=str(directory / "vocab.json"),
         merges_file=str(directory / "merges.txt"),
