@@ -110,11 +110,14 @@ class InProcess:
     """Side A: a long-lived infinity_env process that runs the workloads itself."""
 
     def __init__(self, models: list[dict[str, str]], batch_size: int) -> None:
+        # Its logs go to a file, so that a death can be explained.
+        self.log_path = REPO / ".bench_models" / "inprocess.log"
+        self.log = open(self.log_path, "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [str(find_worker_python()), str(REPO / "scripts" / "bench_inprocess.py")],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=self.log,
             text=True,
             env=worker_env(),
         )
@@ -126,7 +129,9 @@ class InProcess:
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError("the in-process runner died")
+            self.log.flush()
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"the in-process runner died; the end of {self.log_path}:\n{tail}")
         answer: dict[str, Any] = json.loads(line)
         return answer
 
@@ -147,6 +152,7 @@ class InProcess:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        self.log.close()
 
 
 class Bridge:
@@ -419,23 +425,28 @@ def main() -> int:
             )
         large_model = str(cache / large_model)
     (REPO / ".bench_models").mkdir(exist_ok=True)
-    model_ids = [model, large_model, NULL_MODEL]
-    engines = ["torch", "torch", "debugengine"]
+    # One engine per distinct model: infinity refuses two engines under one
+    # served name (the GPU check uses the same model for every workload).
+    model_ids = list(dict.fromkeys([model, large_model, NULL_MODEL]))
+    engines = ["debugengine" if m == NULL_MODEL else "torch" for m in model_ids]
+    small, large, null = (model_ids.index(m) for m in (model, large_model, NULL_MODEL))
 
     sides = [s for s in SIDES if not (args.no_rest and s.startswith("C"))]
     workloads = [
-        Workload("latency", 0, "seq", [[t] for t in texts_for(args.latency_n, seed=1)]),
+        Workload("latency", small, "seq", [[t] for t in texts_for(args.latency_n, seed=1)]),
         Workload(
             "throughput",
-            0,
+            small,
             "burst",
             [texts_for(args.sentences, seed=100 + i) for i in range(args.requests)],
         ),
         # One 1024-row request at a time, five times: the median is the sample.
-        Workload("large", 1, "single", [texts_for(args.large_rows, seed=7, words=(4, 12))]),
-        Workload("overhead latency", 2, "seq", [[t] for t in texts_for(args.overhead_n, seed=2)]),
+        Workload("large", large, "single", [texts_for(args.large_rows, seed=7, words=(4, 12))]),
         Workload(
-            "overhead burst", 2, "burst", [[t] for t in texts_for(args.overhead_burst, seed=3)]
+            "overhead latency", null, "seq", [[t] for t in texts_for(args.overhead_n, seed=2)]
+        ),
+        Workload(
+            "overhead burst", null, "burst", [[t] for t in texts_for(args.overhead_burst, seed=3)]
         ),
     ]
 

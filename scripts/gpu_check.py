@@ -10,6 +10,11 @@
    image has no FastAPI stack).
 
 Writes OUT/gpu-check.md and OUT/gpu-check.json (+ the benchmark's files).
+
+``--device cpu`` (with small sizes) is a dry run of the same plumbing on a
+machine without a GPU: the carried stacks, the worker wrapper, the worker's
+start, the embed, the report and the benchmark's invocation. It is how this
+script is checked before a GPU session spends its few minutes on it.
 """
 
 from __future__ import annotations
@@ -41,12 +46,13 @@ def chinese_sentences(count: int, seed: int = 0) -> list[str]:
     return ["".join(chr(c) for c in rng.integers(0x4E00, 0x4E00 + 3000, size=n)) for n in lengths]
 
 
-def gpu_busy_loop(stop: threading.Event, stats: dict[str, Any]) -> None:
-    """This (numpy-2) process's own GPU work, running while the worker embeds."""
+def gpu_busy_loop(stop: threading.Event, stats: dict[str, Any], device: str) -> None:
+    """This (numpy-2) process's own torch work, running while the worker embeds."""
     import torch
 
-    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    size, dtype = (4096, torch.bfloat16) if device == "cuda" else (256, torch.float32)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     count = 0
     started = time.perf_counter()
     while not stop.is_set():
@@ -54,9 +60,10 @@ def gpu_busy_loop(stop: threading.Event, stats: dict[str, Any]) -> None:
         count += 1
     elapsed = time.perf_counter() - started
     stats["matmuls"] = count
-    stats["tflops"] = 2 * 4096**3 * count / elapsed / 1e12
-    stats["main_allocated_mib"] = torch.cuda.memory_allocated() / MIB
-    stats["main_reserved_mib"] = torch.cuda.memory_reserved() / MIB
+    stats["tflops"] = 2 * size**3 * count / elapsed / 1e12
+    if device == "cuda":
+        stats["main_allocated_mib"] = torch.cuda.memory_allocated() / MIB
+        stats["main_reserved_mib"] = torch.cuda.memory_reserved() / MIB
 
 
 def main() -> int:
@@ -67,41 +74,57 @@ def main() -> int:
     )
     parser.add_argument("--sentences", type=int, default=8192)
     parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument(
+        "--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run without a GPU"
+    )
+    parser.add_argument(
+        "--model",
+        default="conan-large",
+        choices=["conan-large", "conan"],
+        help="conan: the small Conan-shaped model, for dry runs",
+    )
+    parser.add_argument("--bench-args", default="", help="extra flags for bench.py (dry runs)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
 
+    cuda = args.device == "cuda"
     report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "card": torch.cuda.get_device_name(),
+        "card": torch.cuda.get_device_name() if cuda else "cpu (dry run)",
         "main": {"numpy": np.__version__, "torch": torch.__version__},
+        "model": "Conan-shaped BERT-large + Dense 1792"
+        if args.model == "conan-large"
+        else "Conan-shaped tiny BERT + Dense 1792",
+        "dtype": "fp16" if cuda else "fp32",
+        "main_work": "bf16 4096² matmuls" if cuda else "fp32 256² matmuls on the CPU",
     }
     print(f"card: {report['card']}; main numpy {np.__version__}", flush=True)
 
     models = Path("/tmp/bridge-gpu-models")
-    if not (models / "conan-large" / "config.json").exists():
+    if not (models / args.model / "config.json").exists():
         started = time.perf_counter()
         subprocess.run(
             [
                 str(find_worker_python()),
                 str(REPO / "scripts" / "tiny_models.py"),
                 str(models),
-                "conan-large",
+                args.model,
             ],
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        print(f"built conan-large in {time.perf_counter() - started:.0f} s", flush=True)
-    model = str(models / "conan-large")
+        print(f"built {args.model} in {time.perf_counter() - started:.0f} s", flush=True)
+    model = str(models / args.model)
 
     started = time.perf_counter()
     client = BatchedInference(
         model_id=model,
         engine="torch",
-        device="cuda",
-        dtype="float16",
+        device=args.device,
+        dtype="float16" if cuda else "float32",
         batch_size=128,
-        gpu_memory=args.budget,
+        gpu_memory=args.budget if cuda else None,
         startup_timeout=300,
     )
     report["worker_ready_s"] = time.perf_counter() - started
@@ -123,7 +146,7 @@ def main() -> int:
         requests = [texts[i : i + 128] for i in range(0, len(texts), 128)]
         stop = threading.Event()
         busy: dict[str, Any] = {}
-        thread = threading.Thread(target=gpu_busy_loop, args=(stop, busy))
+        thread = threading.Thread(target=gpu_busy_loop, args=(stop, busy, args.device))
         thread.start()
         started = time.perf_counter()
         futures = [client.embed(sentences=r) for r in requests]
@@ -142,7 +165,9 @@ def main() -> int:
             "main_gpu_work": busy,
         }
         report["worker"]["gpu_under_load"] = during
-        report["vllm_gpu_memory_utilization"] = client.suggest_vllm_gpu_memory_utilization()
+        report["vllm_gpu_memory_utilization"] = (
+            client.suggest_vllm_gpu_memory_utilization() if cuda else None
+        )
         print(json.dumps(report["embed"]), flush=True)
     finally:
         client.stop()
@@ -153,9 +178,9 @@ def main() -> int:
                 sys.executable,
                 str(REPO / "scripts" / "bench.py"),
                 "--device",
-                "cuda",
+                args.device,
                 "--dtype",
-                "float16",
+                "float16" if cuda else "float32",
                 "--model",
                 model,
                 "--large-model",
@@ -179,6 +204,7 @@ def main() -> int:
                 str(args.out / "benchmarks-cuda.md"),
                 "--title",
                 f"{report['card']} (device tool)",
+                *args.bench_args.split(),
             ],
             check=False,
             timeout=300,
@@ -199,9 +225,9 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"transformers {worker['versions'].get('transformers')}, infinity-emb "
         f"{worker['versions'].get('infinity_emb')}; ready in {report['worker_ready_s']:.0f} s; "
         f"batch size after budget calibration: {worker['batch_size']}",
-        f"- embed: {report['embed']['sentences']} Chinese sentences (16-256 chars), Conan-shaped BERT-large "
-        f"+ Dense 1792, fp16: {report['embed']['sentences_per_s']:.0f} sentences/s, while the main process ran "
-        f"bf16 matmuls at {report['embed']['main_gpu_work'].get('tflops', 0):.0f} TFLOP/s",
+        f"- embed: {report['embed']['sentences']} Chinese sentences (16-256 chars), {report['model']}, "
+        f"{report['dtype']}: {report['embed']['sentences_per_s']:.0f} sentences/s, while the main process ran "
+        f"{report['main_work']} at {report['embed']['main_gpu_work'].get('tflops', 0):.1f} TFLOP/s",
         "",
         "| GPU memory (MiB) | reserved | allocated | max allocated | budget | card free | card total |",
         "|---|---|---|---|---|---|---|",

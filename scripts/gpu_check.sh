@@ -12,12 +12,17 @@
 # the worker on cuda with the Conan-shaped model, torch GPU work in the main
 # process at the same time, the memory report, and the benchmark's GPU section.
 # Results land in $OUT (gpu-check.md, gpu-check.json, benchmarks-cuda.md/png).
+#
+# Arguments go to gpu_check.py. A dry run without a GPU, in any Python 3.12 with
+# torch and numpy 2 (how this script was checked before it ever met a GPU):
+#   PY=/path/to/python3.12 OUT=/tmp/dry bash scripts/gpu_check.sh --device cpu \
+#     --model conan --sentences 256 --bench-args "--repeat 1 --latency-n 10 ..."
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 OUT=${OUT:-/tmp/gpu-check-out}
 mkdir -p "$OUT"
-PY=$(command -v python3)
+PY=${PY:-$(command -v python3)}
 
 for stack in worker main; do
   if [ ! -f ".whl/$stack-stack.tar.xz" ]; then
@@ -44,4 +49,4 @@ echo "== worker stack =="
 
 echo "== check =="
 (nvidia-smi || true) > "$OUT/nvidia-smi.txt" 2>&1
-PYTHONPATH=/tmp/bridge-main-stack:$REPO timeout 450 "$PY" scripts/gpu_check.py --out "$OUT" 2>&1 | tee "$OUT/gpu-check.log"
+PYTHONPATH=/tmp/bridge-main-stack:$REPO timeout 450 "$PY" scripts/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu-check.log"
