@@ -36,7 +36,13 @@ from bridge._errors import (
     WorkerStartupError,
 )
 from bridge._gpu import GIB, check_budget, parse_device, suggest_gpu_memory_utilization
-from bridge._inputs import check_model_arg, check_query, check_texts, media_payload
+from bridge._inputs import (
+    check_batch_delay,
+    check_model_arg,
+    check_query,
+    check_texts,
+    media_payload,
+)
 from bridge._supervisor import WorkerLaunch, find_worker_python
 
 __all__ = ["AsyncBatchedInference", "BatchedInference"]
@@ -87,6 +93,7 @@ class _ClientBase:
         dtype: str | Sequence[str] = "auto",
         embedding_dtype: str | Sequence[str] = "float32",
         batch_size: int = 32,
+        batch_delay: float | Literal["auto"] = "auto",
         address: str | Sequence[str] | None = None,
         worker_python: str | os.PathLike[str] | None = None,
         workers: int | Sequence[Mapping[str, str]] | None = None,
@@ -136,6 +143,7 @@ class _ClientBase:
             dtype,
             embedding_dtype,
             batch_size,
+            batch_delay,
             address,
             worker_python,
             workers,
@@ -185,6 +193,7 @@ class _ClientBase:
         dtype: Any,
         embedding_dtype: Any,
         batch_size: Any,
+        batch_delay: Any,
         address: Any,
         worker_python: Any,
         workers: Any,
@@ -217,6 +226,7 @@ class _ClientBase:
         count = len(self._given_ids)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ConfigurationError(f"batch_size must be a positive int, got {batch_size!r}")
+        delay = check_batch_delay(batch_delay)
         # "cuda:N": infinity knows only "cuda", so N becomes the worker's
         # CUDA_VISIBLE_DEVICES (one per worker, so all models must agree).
         raw_devices = [device] if isinstance(device, str) else device
@@ -240,6 +250,7 @@ class _ClientBase:
                 "dtype": t,
                 "embedding_dtype": q,
                 "batch_size": batch_size,
+                "batch_delay": delay,
             }
             for m, e, d, t, q in zip(
                 self._given_ids,
@@ -459,7 +470,9 @@ class BatchedInference(_ClientBase):
     worker with infinity_env's interpreter and returns once every model is
     loaded and warmed up. Keyword arguments beyond embed's are the bridge's
     knobs (see ``bridge._config``); ``address=`` connects to a running worker
-    instead of spawning one.
+    instead of spawning one. ``batch_delay="auto"`` (seconds, or "auto": half
+    the model's fastest one-item forward pass, at most embed's 2 ms) is how
+    long infinity's batching threads wait between stages.
     """
 
     def _started(self) -> None:

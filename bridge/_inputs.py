@@ -142,3 +142,12 @@ def check_model_arg(name: str, value: Any, count: int, allowed: Sequence[str]) -
         if item not in allowed:
             raise ConfigurationError(f"{name}={item!r} is not one of {', '.join(allowed)}")
     return list(values)
+
+
+def check_batch_delay(value: Any) -> float | None:
+    """``"auto"`` (None: the worker measures it) or seconds in [0, 1]."""
+    if isinstance(value, str) and value == "auto":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
+        return float(value)
+    raise ConfigurationError(f"batch_delay must be 'auto' or seconds in [0, 1], got {value!r}")

@@ -152,6 +152,7 @@ class ModelInfo(msgspec.Struct, frozen=True):
     dtype: str
     labels: list[str] | None = None  # classifiers: id2label in order
     batch_size: int = 0  # infinity's max batch size (after GPU budget calibration)
+    batch_delay: float = 0.0  # seconds infinity waits between batch stages (measured or given)
 
 
 class LabelScore(msgspec.Struct, frozen=True, array_like=True):

@@ -380,6 +380,18 @@ class Worker:
 # ---------------------------------------------------------------------------- CLI
 
 
+def parse_batch_delay(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'auto' or seconds, not {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"batch delay must be 0..1 s, got {value}")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[ModelSpec]]:
     parser = argparse.ArgumentParser(
         prog="python -m bridge.worker",
@@ -410,6 +422,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[Mod
         help="float32, int8, uint8, binary, ubinary",
     )
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--batch-delay",
+        type=parse_batch_delay,
+        default=None,
+        help="seconds infinity waits between batch stages, or 'auto' (default): half the "
+        "model's fastest one-item forward pass, at most 2 ms",
+    )
     parser.add_argument(
         "--max-message-bytes",
         type=int,
@@ -463,6 +482,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[Mod
                     dtype=dtype,
                     embedding_dtype=emb,
                     batch_size=options.batch_size,
+                    batch_delay=options.batch_delay,
                 )
             )
     else:

@@ -204,7 +204,9 @@ class Rest:
             "--dtype",
             dtype,
             "--no-bettertransformer",
-            "--no-model-warmup",
+            # The server's default: its warm-up times the model and sets
+            # infinity's batch_delay from it, as the bridge's worker does.
+            "--model-warmup",
             "--lengths-via-tokenize",
             "--batch-size",
             str(batch_size),

@@ -8,7 +8,8 @@ Speaks JSON lines: one command per stdin line, one answer per stdout line.
     {"cmd": "quit"}
 
 The engines use the worker's own settings (BetterTransformer off, embed's
-defaults), so A and B differ by the bridge alone.
+defaults, batch_delay measured by the worker's own `tune_batch_delay`), so A
+and B differ by the bridge alone.
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 
 async def serve(out: Any) -> None:
     from infinity_emb import AsyncEngineArray, EngineArgs
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bridge._engine import tune_batch_delay
 
     engines: list[Any] = []
     array = None
@@ -51,6 +56,8 @@ async def serve(out: Any) -> None:
             array = AsyncEngineArray.from_args(args)
             await array.astart()
             engines = list(array)
+            for engine in engines:
+                tune_batch_delay(engine, None)
         elif command["cmd"] == "latency":
             engine = engines[command["model"]]
             seconds = []

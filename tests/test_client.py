@@ -7,6 +7,7 @@ import importlib.util
 import os
 import stat
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,10 @@ def test_missing_worker_interpreter_is_a_configuration_error(tmp_path: Path) -> 
         {"model_id": "a", "timeout": "5"},
         {"model_id": "a", "max_retries": -1},
         {"model_id": "a", "heartbeat_interval": 3, "heartbeat_timeout": 2},
+        {"model_id": "a", "batch_delay": -0.001},
+        {"model_id": "a", "batch_delay": 2},
+        {"model_id": "a", "batch_delay": "fast"},
+        {"model_id": "a", "batch_delay": True},
         {"address": "http://127.0.0.1:1"},
         {"address": "tcp://10.1.2.3:5555"},  # non-loopback without CurveZMQ keys
     ],
@@ -134,3 +139,25 @@ def test_bad_constructor_arguments_fail_before_spawning(kwargs: dict[str, Any]) 
     with pytest.raises(ConfigurationError):
         BatchedInference(**kwargs)
     assert set(_support.worker_pids_of(os.getpid())) <= before
+
+
+def test_batch_delay_is_measured_and_read_back_from_infinity(minilm: BatchedInference) -> None:
+    # "auto": half the fastest one-item forward pass, within infinity's floor
+    # and embed's 2 ms; the value is read back from infinity's own ModelWorker.
+    delay = minilm.models[0]["batch_delay"]
+    assert 1e-4 <= delay <= 2e-3
+
+
+def test_explicit_batch_delay_reaches_infinitys_batching_threads() -> None:
+    # infinity sleeps batch_delay after every batch (before post-processing),
+    # so a 50 ms delay makes every request take at least that long.
+    with BatchedInference(
+        model_id="debug/null-model", engine="debugengine", batch_delay=0.05
+    ) as client:
+        assert client.models[0]["batch_delay"] == 0.05
+        took = []
+        for i in range(3):
+            started = time.perf_counter()
+            client.embed(sentences=[f"text {i}"]).result(timeout=30)
+            took.append(time.perf_counter() - started)
+        assert min(took) >= 0.05
