@@ -62,6 +62,7 @@ from bridge._engine import (
     infinity_versions,
 )
 from bridge._errors import ConfigurationError, ProtocolError
+from bridge._inputs import check_batch_delay
 
 log = logging.getLogger("bridge.worker")
 
@@ -381,15 +382,11 @@ class Worker:
 
 
 def parse_batch_delay(text: str) -> float | None:
-    if text == "auto":
-        return None
+    """``--batch-delay``: the client's rule (check_batch_delay), from a string."""
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'auto' or seconds, not {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"batch delay must be 0..1 s, got {value}")
-    return value
+        return check_batch_delay(text if text == "auto" else float(text))
+    except (ValueError, ConfigurationError) as exc:
+        raise argparse.ArgumentTypeError(f"'auto' or seconds in [0, 1], not {text!r}") from exc
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[ModelSpec]]:
