@@ -526,6 +526,7 @@ class BridgeCore:
         slot.state = "down"
         slot.ready = None
         slot.hello = None
+        self._stop_waiting_for_status(slot)
         if state == "starting":
             detail = f"{reason} before it was ready"
             if output:
@@ -884,6 +885,17 @@ class BridgeCore:
                 waiting.add(slot.index)
         self._status_waiters[ident] = (future, replies, waiting)
         self._maybe_finish_status(ident)
+
+    def _stop_waiting_for_status(self, slot: _Slot) -> None:
+        """A worker that went down will never answer the STATUS it was asked.
+
+        Without this, status() asked just as a worker died (before its exit
+        was seen) waited for that answer until its own time-out.
+        """
+        for ident, (_, _, waiting) in list(self._status_waiters.items()):
+            if slot.index in waiting:
+                waiting.discard(slot.index)
+                self._maybe_finish_status(ident)
 
     def _on_status(self, slot: _Slot, message: proto.Status) -> None:
         entry = self._status_waiters.get(message.id)

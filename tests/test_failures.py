@@ -503,3 +503,18 @@ class socket_port:
 
     def __exit__(self, *exc: object) -> None:
         self._sock.close()
+
+
+def test_status_answers_when_a_worker_dies_while_being_asked() -> None:
+    # SIGKILL, then status() at once: the question can reach the dying worker
+    # before its exit is noticed; the answer must not wait for it.
+    with BatchedInference(model_id="debug/null-model", engine="debugengine", workers=2) as client:
+        for _ in range(3):
+            victim = client.status()[0]["pid"]
+            os.kill(victim, signal.SIGKILL)
+            started = time.monotonic()
+            status = client.status(timeout=10.0)
+            assert time.monotonic() - started < 5.0
+            assert status[1]["state"] == "ready"
+            assert status[0]["pid"] != victim or status[0]["state"] != "ready"
+            assert _support.wait_until(lambda: client.status()[0]["state"] == "ready", timeout=60)
