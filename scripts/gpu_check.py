@@ -134,6 +134,7 @@ def main() -> int:
             "versions": status["versions"],
             "device": status["device"],
             "batch_size": client.models[0]["batch_size"],
+            "batch_delay": client.models[0]["batch_delay"],
             "gpu_at_ready": status["gpu"],
         }
         print(
@@ -224,7 +225,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"- worker: numpy {worker['versions'].get('numpy')}, torch {worker['versions'].get('torch')}, "
         f"transformers {worker['versions'].get('transformers')}, infinity-emb "
         f"{worker['versions'].get('infinity_emb')}; ready in {report['worker_ready_s']:.0f} s; "
-        f"batch size after budget calibration: {worker['batch_size']}",
+        f"batch size after budget calibration: {worker['batch_size']}; "
+        f"batch_delay timed at {worker['batch_delay'] * 1000:.2f} ms",
         f"- embed: {report['embed']['sentences']} Chinese sentences (16-256 chars), {report['model']}, "
         f"{report['dtype']}: {report['embed']['sentences_per_s']:.0f} sentences/s, while the main process ran "
         f"{report['main_work']} at {report['embed']['main_gpu_work'].get('tflops', 0):.1f} TFLOP/s",
