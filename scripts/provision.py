@@ -228,7 +228,8 @@ def provision_main(python: str, vllm_choice: str) -> None:
 
 # A machine-local CPU build of torch (see LOCAL_PIP_SETTINGS) would install
 # under the CUDA lock's ``torch==2.13.0`` and vLLM would fail at its first
-# model; say so at provisioning time instead.
+# model. check_torch_is_cuda_build catches that before installing; this import
+# check after it is the second guard, and proves vLLM imports.
 CUDA_TORCH_CHECK = (
     "import torch\n"
     "assert torch.version.cuda, f'torch {torch.__version__} is a CPU build'\n"
