@@ -27,7 +27,7 @@ import time
 import traceback
 import wave
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, cast
 
 import numpy as np
@@ -189,6 +189,8 @@ def calibrate_batch_size(engine: Any, configured: int) -> int:
 #: infinity's stand-in for a model's fastest forward pass when its warm-up is
 #: off (EngineArgs(model_warmup=False), as embed runs it); batch_delay is half.
 INFINITY_UNMEASURED_INFERENCE_S = 4e-3
+#: So the batch_delay every request pays in embed, and our cap on the measured one.
+EMBED_BATCH_DELAY_S = INFINITY_UNMEASURED_INFERENCE_S / 2
 #: infinity's own floor for batch_delay ("should not be 0 to not block the GIL").
 MIN_BATCH_DELAY_S = 1e-4
 
@@ -210,10 +212,10 @@ def tune_batch_delay(engine: Any, setting: float | None) -> float:
             fastest = min(
                 float(engine._model.warmup(batch_size=1, n_tokens=1)[1]) for _ in range(10)
             )
-            delay = min(fastest / 2, INFINITY_UNMEASURED_INFERENCE_S / 2)
+            delay = min(fastest / 2, EMBED_BATCH_DELAY_S)
         except Exception as exc:  # a model without infinity's warmup(): keep its guess
             log.warning("could not time the model: %s; batch_delay stays 2 ms", exc)
-            delay = INFINITY_UNMEASURED_INFERENCE_S / 2
+            delay = EMBED_BATCH_DELAY_S
     else:
         delay = float(setting)
     delay = max(MIN_BATCH_DELAY_S, delay)
@@ -229,7 +231,7 @@ def batch_delay_of(engine: Any) -> float:
     try:
         return float(engine._batch_handler.model_worker._batch_delay)
     except AttributeError:
-        return INFINITY_UNMEASURED_INFERENCE_S / 2
+        return EMBED_BATCH_DELAY_S
 
 
 def guard_model(model: Any) -> None:
@@ -299,16 +301,8 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelSpec:
-        fields = (
-            "model_id",
-            "engine",
-            "device",
-            "dtype",
-            "embedding_dtype",
-            "batch_size",
-            "batch_delay",
-        )
-        return cls(**{k: raw[k] for k in fields if k in raw})
+        # Keys that name no field are ignored, as they always were.
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
 
 def infinity_versions() -> dict[str, str]:
